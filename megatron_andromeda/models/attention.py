@@ -1,0 +1,119 @@
+"""Causal self-attention with multi-head / grouped-query / multi-query key-value heads.
+
+Head counts are read from `self.num_heads` / `self.num_kv_heads` at run time, so that tensor
+parallelism can shard the projections and set the per-rank counts without touching this file.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from megatron_andromeda.config import ModelConfig
+from megatron_andromeda.models.rotary import apply_rotary
+
+
+@dataclass
+class AttentionInputs:
+    """What every layer's attention needs besides its hidden states; built once per forward."""
+
+    rotary: tuple[torch.Tensor, torch.Tensor] | None = None  # cos, sin
+    mask: torch.Tensor | None = None  # bool (B|1, 1, Tq, Tk), True = attend; None = plain causal
+    bias: torch.Tensor | None = None  # float additive bias (ALiBi), (B|1, H, Tq, Tk), causal included
+    is_causal: bool = True  # only consulted when mask and bias are None
+
+
+@dataclass
+class KVCache:
+    """Keys and values of past positions for incremental decoding, one entry per layer."""
+
+    keys: dict[str, torch.Tensor] = field(default_factory=dict)  # (B, kvH, T, hd)
+    values: dict[str, torch.Tensor] = field(default_factory=dict)
+    length: int = 0
+
+    def update(self, layer: str, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        if layer in self.keys:
+            k = torch.cat((self.keys[layer], k), dim=2)
+            v = torch.cat((self.values[layer], v), dim=2)
+        self.keys[layer], self.values[layer] = k, v
+        return k, v
+
+
+class CoreAttention(nn.Module):
+    """softmax(q k^T / sqrt(d) + mask) v; its own module so that selective recomputation can wrap it."""
+
+    def __init__(self, dropout: float):
+        super().__init__()
+        self.dropout = dropout
+
+    def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, inputs: AttentionInputs) -> torch.Tensor:
+        # q: (B, H, Tq, hd); k, v: (B, kvH, Tk, hd)
+        if k.shape[1] != q.shape[1]:
+            # Multi-query / grouped: expand is a view; SDPA's CPU kernels want dense heads.
+            groups = q.shape[1] // k.shape[1]
+            k = k.repeat_interleave(groups, dim=1) if groups > 1 else k
+            v = v.repeat_interleave(groups, dim=1) if groups > 1 else v
+        dropout = self.dropout if self.training else 0.0
+        if inputs.bias is not None:
+            return F.scaled_dot_product_attention(q, k, v, attn_mask=inputs.bias.to(q.dtype), dropout_p=dropout)
+        if inputs.mask is not None:
+            return F.scaled_dot_product_attention(q, k, v, attn_mask=inputs.mask, dropout_p=dropout)
+        return F.scaled_dot_product_attention(q, k, v, is_causal=inputs.is_causal, dropout_p=dropout)
+
+
+class Attention(nn.Module):
+    """Fused q/k/v projection (rows: all q heads, then k heads, then v heads), rotary, core, output."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.num_heads = cfg.num_heads
+        self.num_kv_heads = cfg.num_kv_heads
+        self.head_dim = cfg.kv_channels
+        self.rotary_interleaved = cfg.rotary_interleaved
+        qkv_rows = (cfg.num_heads + 2 * cfg.num_kv_heads) * self.head_dim
+        self.qkv_proj = nn.Linear(cfg.hidden_size, qkv_rows, bias=False)
+        self.core = CoreAttention(cfg.dropout)
+        self.o_proj = nn.Linear(cfg.num_heads * self.head_dim, cfg.hidden_size, bias=False)
+
+    def forward(
+        self, x: torch.Tensor, inputs: AttentionInputs, cache: KVCache | None = None, layer: str = ""
+    ) -> torch.Tensor:
+        B, T, _ = x.shape
+        hd = self.head_dim
+        q, k, v = self.qkv_proj(x).split(
+            [self.num_heads * hd, self.num_kv_heads * hd, self.num_kv_heads * hd], dim=-1
+        )
+        q = q.view(B, T, self.num_heads, hd)
+        k = k.view(B, T, self.num_kv_heads, hd)
+        v = v.view(B, T, self.num_kv_heads, hd)
+        if inputs.rotary is not None:
+            cos, sin = inputs.rotary
+            q = apply_rotary(q, cos, sin, self.rotary_interleaved)
+            k = apply_rotary(k, cos, sin, self.rotary_interleaved)
+        q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # (B, H, T, hd)
+        if cache is not None:
+            k, v = cache.update(layer, k, v)
+        out = self.core(q, k, v, inputs)  # (B, H, T, hd)
+        out = out.transpose(1, 2).reshape(B, T, self.num_heads * hd)
+        return self.o_proj(out)
+
+
+def alibi_slopes(num_heads: int, max_bias: float = 8.0) -> torch.Tensor:
+    """Per-head ALiBi slopes (MPT's variant: geometric, interleaved when heads are not a power of 2)."""
+    power = 2 ** math.ceil(math.log2(num_heads))
+    slopes = 1.0 / torch.pow(2.0, torch.arange(1, power + 1, dtype=torch.float64) * (max_bias / power))
+    if power != num_heads:
+        slopes = torch.cat((slopes[1::2], slopes[::2]))[:num_heads]
+    return slopes.float()
+
+
+def alibi_bias(slopes: torch.Tensor, q_positions: torch.Tensor, k_positions: torch.Tensor) -> torch.Tensor:
+    """Additive bias slope * (k - q), -inf above the diagonal; (1, H, Tq, Tk)."""
+    distance = (k_positions[None, :] - q_positions[:, None]).float()  # (Tq, Tk)
+    bias = slopes[:, None, None] * distance[None]
+    bias = bias.masked_fill(distance[None] > 0, float("-inf"))
+    return bias[None]

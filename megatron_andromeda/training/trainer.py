@@ -1,0 +1,283 @@
+"""The training loop: micro-batches -> gradient accumulation -> clip -> safe step -> log / eval / save.
+
+The loop knows nothing about how the model is split. Everything parallel comes in through the
+`ParallelHooks` it is given: which samples this rank reads, how gradients are finished (tensor and
+data-parallel reductions), how the global gradient norm and loss averages are computed. A single
+process uses the defaults.
+"""
+
+from __future__ import annotations
+
+import math
+import resource
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from megatron_andromeda.config import RunConfig
+from megatron_andromeda.models.accounting import training_flops_per_token
+from megatron_andromeda.training import checkpoint as ckpt
+from megatron_andromeda.training.metrics import MetricsLogger, peak_flops_for
+from megatron_andromeda.training.optim import learning_rate, set_learning_rate
+
+LossFn = Callable[..., tuple[torch.Tensor, dict[str, torch.Tensor]]]
+
+
+@dataclass
+class TrainState:
+    step: int = 0
+    consumed_samples: int = 0
+    skipped_steps: int = 0
+    consecutive_skips: int = 0
+
+
+@dataclass
+class ParallelHooks:
+    """How the loop cooperates with other ranks; the defaults are those of a single process."""
+
+    dp_rank: int = 0
+    dp_size: int = 1
+    is_logging_rank: bool = True
+    num_devices: int = 1
+    finish_gradients: Callable[[nn.Module], None] = lambda model: None
+    grad_norm: Callable[[Sequence[torch.Tensor]], torch.Tensor] | None = None
+    mean_across_data: Callable[[torch.Tensor], torch.Tensor] = lambda t: t
+    any_rank_true: Callable[[bool], bool] = lambda flag: flag
+
+
+class Trainer:
+    def __init__(
+        self,
+        cfg: RunConfig,
+        model: nn.Module,
+        optimizer: torch.optim.Optimizer,
+        train_data: Any,
+        valid_data: Any | None,
+        *,
+        loss_fn: LossFn,
+        device: torch.device,
+        run_dir: Path,
+        hooks: ParallelHooks | None = None,
+        logger: MetricsLogger | None = None,
+    ):
+        self.cfg = cfg
+        self.model = model
+        self.optimizer = optimizer
+        self.train_data = train_data
+        self.valid_data = valid_data
+        self.loss_fn = loss_fn
+        self.device = device
+        self.run_dir = run_dir
+        self.hooks = hooks or ParallelHooks()
+        self.state = TrainState()
+        tc = cfg.train
+        per_rank = tc.global_batch_size // self.hooks.dp_size
+        if tc.global_batch_size % (tc.micro_batch_size * self.hooks.dp_size):
+            raise ValueError(
+                f"train.global_batch_size={tc.global_batch_size} must be a multiple of train.micro_batch_size="
+                f"{tc.micro_batch_size} x data-parallel degree {self.hooks.dp_size}"
+            )
+        self.samples_per_rank = per_rank
+        self.accumulation_steps = per_rank // tc.micro_batch_size
+        self.tokens_per_step = tc.global_batch_size * cfg.data.seq_length
+        self.flops_per_token = training_flops_per_token(cfg.model, cfg.data.seq_length)
+        self.logger = logger or MetricsLogger(cfg.logging, run_dir, tc.steps, self.hooks.is_logging_rank)
+        self.scaler = torch.amp.GradScaler(device.type) if tc.precision == "fp16" else None
+        self.params = [p for p in model.parameters() if p.requires_grad]
+
+    # ------------------------------------------------------------------------------------------ data
+    def micro_batches(self, step_start_sample: int):
+        """This rank's micro-batches of the global batch starting at `step_start_sample`.
+
+        Rank r reads the contiguous slice [r * per_rank, (r + 1) * per_rank) of the global batch, so
+        the ranks' samples are disjoint, their union is the global batch, and a resume at any
+        consumed-sample count reads the same samples.
+        """
+        mbs = self.cfg.train.micro_batch_size
+        first = step_start_sample + self.hooks.dp_rank * self.samples_per_rank
+        for m in range(self.accumulation_steps):
+            yield self._collate(self.train_data, range(first + m * mbs, first + (m + 1) * mbs))
+
+    def _collate(self, dataset: Any, indices: range) -> dict[str, torch.Tensor]:
+        samples = [dataset[i % len(dataset)] for i in indices]
+        return {k: torch.stack([s[k] for s in samples]).to(self.device, non_blocking=True) for k in samples[0]}
+
+    # ------------------------------------------------------------------------------------------ steps
+    def forward_loss(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        position_ids = batch.get("position_ids") if self.cfg.data.reset_position_ids else None
+        with self._autocast():
+            logits = self.model(batch["tokens"], position_ids=position_ids, segment_ids=batch.get("segment_ids"))
+        return self.loss_fn(logits, batch["labels"], batch.get("loss_mask"), z_loss=self.cfg.model.z_loss)
+
+    def train_step(self) -> dict[str, float]:
+        tc, oc = self.cfg.train, self.cfg.optim
+        lr = learning_rate(self.state.step, oc, tc.steps)
+        set_learning_rate(self.optimizer, lr)
+        self.model.train()
+        self.optimizer.zero_grad(set_to_none=True)
+        loss_sum = torch.zeros((), device=self.device)
+        for batch in self.micro_batches(self.state.consumed_samples):
+            loss, parts = self.forward_loss(batch)
+            scaled = loss / self.accumulation_steps
+            (self.scaler.scale(scaled) if self.scaler else scaled).backward()
+            loss_sum += parts["lm_loss"]
+        self.hooks.finish_gradients(self.model)
+        if self.scaler is not None:
+            self.scaler.unscale_(self.optimizer)
+        grad_norm = self._grad_norm()
+        loss = self.hooks.mean_across_data(loss_sum / self.accumulation_steps)
+        finite = math.isfinite(loss.item()) and math.isfinite(grad_norm.item())
+        skip = self.hooks.any_rank_true(not finite)
+        if skip:
+            self._skip_step()
+        else:
+            self._clip(grad_norm)
+            if self.scaler is not None:
+                self.scaler.step(self.optimizer)
+            else:
+                self.optimizer.step()
+            self.state.consecutive_skips = 0
+        if self.scaler is not None:
+            self.scaler.update()
+        self.state.step += 1
+        self.state.consumed_samples += tc.global_batch_size
+        return {"loss": loss.item(), "lr": lr, "grad_norm": grad_norm.item(), "skipped": float(skip)}
+
+    def _grad_norm(self) -> torch.Tensor:
+        grads = [p.grad for p in self.params if p.grad is not None]
+        if self.hooks.grad_norm is not None:
+            return self.hooks.grad_norm(grads)
+        if not grads:
+            return torch.zeros((), device=self.device)
+        return torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g.float()) for g in grads]))
+
+    def _clip(self, grad_norm: torch.Tensor) -> None:
+        clip = self.cfg.optim.clip_grad
+        if clip > 0:
+            coef = torch.clamp(clip / (grad_norm + 1e-6), max=1.0)
+            for p in self.params:
+                if p.grad is not None:
+                    p.grad.mul_(coef)
+
+    def _skip_step(self) -> None:
+        self.state.skipped_steps += 1
+        self.state.consecutive_skips += 1
+        self.logger.print(f"step {self.state.step}: non-finite loss or gradient, update skipped on every rank")
+        limit = self.cfg.train.max_consecutive_skips
+        if self.state.consecutive_skips >= limit:
+            raise RuntimeError(
+                f"{self.state.consecutive_skips} consecutive steps had non-finite loss or gradients "
+                f"(train.max_consecutive_skips={limit}); lower optim.lr, check the data, or use bf16/fp32"
+            )
+
+    def _autocast(self):
+        precision = self.cfg.train.precision
+        if precision == "fp32":
+            return torch.autocast(self.device.type, enabled=False)
+        dtype = torch.bfloat16 if precision == "bf16" else torch.float16
+        return torch.autocast(self.device.type, dtype=dtype)
+
+    # ------------------------------------------------------------------------------------------ eval
+    @torch.no_grad()
+    def evaluate(self, dataset: Any | None = None) -> dict[str, float]:
+        dataset = dataset if dataset is not None else self.valid_data
+        if dataset is None:
+            return {}
+        self.model.eval()
+        mbs = self.cfg.train.micro_batch_size
+        per_rank = self.cfg.train.eval_batches * mbs
+        first = self.hooks.dp_rank * per_rank
+        total = torch.zeros((), device=self.device)
+        for b in range(self.cfg.train.eval_batches):
+            batch = self._collate(dataset, range(first + b * mbs, first + (b + 1) * mbs))
+            _, parts = self.forward_loss(batch)
+            total += parts["lm_loss"]
+        loss = self.hooks.mean_across_data(total / self.cfg.train.eval_batches).item()
+        return {"loss": loss, "ppl": math.exp(min(loss, 50.0))}
+
+    # ------------------------------------------------------------------------------------------ loop
+    def fit(self) -> TrainState:
+        tc, lc = self.cfg.train, self.cfg.logging
+        self.logger.start_at(self.state.step)
+        window_start, window_steps = time.perf_counter(), 0
+        run_start, start_step = time.perf_counter(), self.state.step
+        while self.state.step < tc.steps:
+            metrics = self.train_step()
+            window_steps += 1
+            self.logger.advance()
+            step = self.state.step
+            if step % lc.log_interval == 0 or step == tc.steps:
+                elapsed = time.perf_counter() - window_start
+                self.logger.log(step, self._speed_metrics(metrics, elapsed, window_steps, run_start, start_step))
+                window_start, window_steps = time.perf_counter(), 0
+            if tc.eval_interval and (step % tc.eval_interval == 0 or step == tc.steps):
+                self.logger.log(step, self.evaluate(), kind="valid")
+            if self._should_save(step):
+                self.save()
+        return self.state
+
+    def _speed_metrics(self, m: dict, elapsed: float, steps: int, run_start: float, start_step: int) -> dict:
+        tokens_per_s = self.tokens_per_step * steps / max(elapsed, 1e-9)
+        flops_per_s = tokens_per_s * self.flops_per_token / self.hooks.num_devices
+        peak = self.cfg.logging.peak_flops
+        if peak is None and self.device.type == "cuda":
+            peak = peak_flops_for(torch.cuda.get_device_name(self.device))
+        done = self.state.step - start_step
+        eta = (time.perf_counter() - run_start) / done * (self.cfg.train.steps - self.state.step) if done else None
+        return {
+            "tokens": self.state.step * self.tokens_per_step,
+            "loss": m["loss"],
+            "lr": m["lr"],
+            "grad_norm": m["grad_norm"],
+            "tokens_per_s": tokens_per_s,
+            "tokens_per_s_per_device": tokens_per_s / self.hooks.num_devices,
+            "tflops_per_device": flops_per_s / 1e12,
+            "mfu": flops_per_s / peak if peak else None,
+            "peak_memory_gb": _peak_memory_gb(self.device),
+            "skipped_steps": self.state.skipped_steps,
+            "eta_s": eta,
+        }
+
+    # ------------------------------------------------------------------------------------------ checkpoints
+    def _should_save(self, step: int) -> bool:
+        cc = self.cfg.checkpoint
+        if not cc.save_dir:
+            return False
+        return step == self.cfg.train.steps or (cc.save_interval > 0 and step % cc.save_interval == 0)
+
+    def save(self) -> Path:
+        cc = self.cfg.checkpoint
+        path = ckpt.save_checkpoint(
+            cc.save_dir, self.state.step, self.cfg, self.model, self.optimizer, self.trainer_state(), cc.keep_last
+        )
+        self.logger.print(f"saved checkpoint {path}")
+        return path
+
+    def trainer_state(self) -> dict[str, Any]:
+        state = asdict(self.state)
+        if self.scaler is not None:
+            state["grad_scaler"] = {k: v for k, v in self.scaler.state_dict().items() if not torch.is_tensor(v)}
+        return state
+
+    def resume(self, path: str | Path) -> bool:
+        """Restore model, optimizer, RNG and loop state from the newest complete checkpoint under path."""
+        if ckpt.resolve_checkpoint(path) is None:
+            return False
+        state = ckpt.load_checkpoint(path, self.model, self.optimizer)
+        for key in asdict(self.state):
+            setattr(self.state, key, state.get(key, getattr(self.state, key)))
+        if self.scaler is not None and "grad_scaler" in state:
+            self.scaler.load_state_dict(state["grad_scaler"])
+        self.logger.print(f"resumed from {state['path']} at step {self.state.step}")
+        return True
+
+
+def _peak_memory_gb(device: torch.device) -> float:
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**30
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # ru_maxrss is in KiB on Linux

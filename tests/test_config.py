@@ -1,0 +1,81 @@
+"""Config loading, overrides and the errors users see."""
+
+import json
+from pathlib import Path
+
+import pytest
+
+from megatron_andromeda.config import ConfigError, load_config, save_resolved_config
+from megatron_andromeda.presets import PRESETS
+
+ROOT = Path(__file__).resolve().parents[1]
+EXAMPLE_CONFIGS = sorted((ROOT / "examples").rglob("configs/*.yaml"))
+
+
+def test_examples_exist():
+    assert len(EXAMPLE_CONFIGS) >= 4
+
+
+@pytest.mark.parametrize("path", EXAMPLE_CONFIGS, ids=lambda p: p.name)
+def test_every_example_config_loads_and_validates(path):
+    cfg = load_config(path)
+    assert cfg.model.num_layers > 0
+
+
+def test_preset_then_dotted_overrides():
+    cfg = load_config(None, ["model=andromeda-1b", "model.num_layers=4", "optim.lr=1e-3", "train.steps=7"])
+    assert cfg.model.name == "andromeda-1b"
+    assert cfg.model.hidden_size == PRESETS["andromeda-1b"].hidden_size
+    assert cfg.model.num_layers == 4
+    assert cfg.optim.lr == 1e-3 and cfg.train.steps == 7
+
+
+def test_yaml_preset_is_refined_by_command_line(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text("model: palm-150m\ntrain:\n  steps: 3\n")
+    cfg = load_config(path, ["model.num_kv_heads=8"])
+    assert cfg.model.hidden_size == 768 and cfg.model.num_kv_heads == 8
+
+
+def test_unknown_key_names_nearest_valid_keys():
+    with pytest.raises(ConfigError, match=r"model.num_layer'.*did you mean model.num_layers"):
+        load_config(None, ["model.num_layer=3"])
+    with pytest.raises(ConfigError, match="unknown config key 'trian'"):
+        load_config(None, ["trian.steps=3"])
+
+
+def test_unknown_preset():
+    with pytest.raises(ConfigError, match="unknown model preset 'andromeda-2b'.*andromeda-1b"):
+        load_config(None, ["model=andromeda-2b"])
+
+
+@pytest.mark.parametrize(
+    "override, field",
+    [
+        ("model.num_heads=5", "model.hidden_size=768 is not divisible by model.num_heads=5"),
+        ("model.num_kv_heads=3", "model.num_heads=8 must be a multiple of model.num_kv_heads=3"),
+        ("model.block=diagonal", "model.block='diagonal' is not one of"),
+        ("train.global_batch_size=30", "train.global_batch_size=30 must be a multiple"),
+        ("train.steps=0", "train.steps=0 must be positive"),
+        ("optim.min_lr=1.0", "optim.min_lr"),
+        ("train.steps=many", "train.steps must be an integer"),
+        ("parallel.context=2", "parallel.context is reserved"),
+    ],
+)
+def test_impossible_values_name_the_field(override, field):
+    with pytest.raises(ConfigError) as err:
+        load_config(None, [override])
+    assert field in str(err.value)
+
+
+def test_resolved_config_written_as_json(tmp_path):
+    cfg = load_config(None, ["model=andromeda-100m", "train.steps=5"])
+    path = save_resolved_config(cfg, tmp_path / "run")
+    data = json.loads(path.read_text())
+    assert data["model"]["name"] == "andromeda-100m" and data["train"]["steps"] == 5
+    assert load_config(None, []).to_dict() != data
+
+
+def test_missing_config_file():
+    with pytest.raises(ConfigError, match="does not exist"):
+        load_config("/nonexistent/run.yaml")
