@@ -1,0 +1,84 @@
+#!/usr/bin/env python3
+"""Parameter count, training FLOPs per token and training memory of a model preset or config.
+
+    python tools/model_info.py --model andromeda-1b [--seq-length 2048] [--json]
+    python tools/model_info.py --config examples/configs/andromeda_1b.yaml
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from megatron_andromeda.config import ConfigError, ModelConfig, load_config  # noqa: E402
+from megatron_andromeda.models.accounting import (  # noqa: E402
+    count_parameters,
+    training_flops_per_token,
+    training_memory,
+)
+from megatron_andromeda.presets import get_preset  # noqa: E402
+
+
+def model_info(cfg: ModelConfig, seq_length: int) -> dict:
+    counts = count_parameters(cfg)
+    memory = training_memory(cfg)
+    return {
+        "model": cfg.name,
+        "parameters": counts.total,
+        "non_embedding_parameters": counts.non_embedding,
+        "embedding_parameters": counts.embedding + counts.lm_head,
+        "seq_length": seq_length,
+        "training_flops_per_token": training_flops_per_token(cfg, seq_length),
+        "memory_bytes": memory.as_dict(),
+        "shape": {"hidden_size": cfg.hidden_size, "num_layers": cfg.num_layers, "num_heads": cfg.num_heads,
+                  "head_dim": cfg.kv_channels, "num_kv_heads": cfg.num_kv_heads, "ffn_size": cfg.ffn_size,
+                  "vocab_size": cfg.vocab_size, "block": cfg.block},
+    }
+
+
+def format_table(info: dict) -> str:
+    gib = 2**30
+    mem = info["memory_bytes"]
+    rows = [
+        ("model", info["model"]),
+        ("parameters", f"{info['parameters']:,} ({info['parameters'] / 1e6:.1f}M)"),
+        ("  non-embedding", f"{info['non_embedding_parameters']:,}"),
+        ("  embedding (+ untied head)", f"{info['embedding_parameters']:,}"),
+        (f"training FLOPs / token (seq {info['seq_length']})", f"{info['training_flops_per_token'] / 1e9:.3f} GFLOP"),
+        ("weights (bf16)", f"{mem['weights'] / gib:.2f} GiB"),
+        ("gradients (fp32)", f"{mem['gradients'] / gib:.2f} GiB"),
+        ("master weights (fp32)", f"{mem['master_weights'] / gib:.2f} GiB"),
+        ("Adam states (fp32 m, v)", f"{mem['optimizer_states'] / gib:.2f} GiB"),
+        ("total model state", f"{mem['total'] / gib:.2f} GiB"),
+    ]
+    width = max(len(k) for k, _ in rows)
+    return "\n".join(f"{k:<{width}}  {v}" for k, v in rows)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    source = parser.add_mutually_exclusive_group(required=True)
+    source.add_argument("--model", help="a preset name, e.g. andromeda-1b")
+    source.add_argument("--config", help="a run config YAML (its model section is used)")
+    parser.add_argument("--seq-length", type=int, default=None, help="default: the config's data.seq_length or 2048")
+    parser.add_argument("--json", action="store_true", help="print one JSON object")
+    args = parser.parse_args(argv)
+    try:
+        if args.model:
+            cfg, seq = get_preset(args.model), 2048
+        else:
+            run = load_config(args.config)
+            cfg, seq = run.model, run.data.seq_length
+    except ConfigError as err:
+        parser.error(str(err))
+    info = model_info(cfg, args.seq_length or seq)
+    print(json.dumps(info) if args.json else format_table(info))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
