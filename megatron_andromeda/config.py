@@ -65,7 +65,14 @@ class ModelConfig:
         _check_choice("model.norm", self.norm, ("layernorm", "rmsnorm"))
         _check_choice("model.activation", self.activation, ("swiglu", "gelu"))
         _check_choice("model.position_embedding", self.position_embedding, ("rotary", "alibi"))
-        for name in ("vocab_size", "hidden_size", "num_layers", "num_heads", "num_kv_heads", "max_seq_length"):
+        for name in (
+            "vocab_size",
+            "hidden_size",
+            "num_layers",
+            "num_heads",
+            "num_kv_heads",
+            "max_seq_length",
+        ):
             _check_positive(f"model.{name}", getattr(self, name))
         if self.head_dim is None and self.hidden_size % self.num_heads:
             raise ConfigError(
@@ -131,7 +138,9 @@ class OptimConfig:
     def validate(self) -> None:
         _check_choice("optim.decay_style", self.decay_style, ("cosine", "linear", "constant"))
         if self.lr <= 0 or self.min_lr < 0 or self.min_lr > self.lr:
-            raise ConfigError(f"need 0 <= optim.min_lr <= optim.lr and lr > 0 (lr={self.lr}, min_lr={self.min_lr})")
+            raise ConfigError(
+                f"need 0 <= optim.min_lr <= optim.lr and lr > 0 (lr={self.lr}, min_lr={self.min_lr})"
+            )
         if self.warmup_steps < 0:
             raise ConfigError("optim.warmup_steps must be >= 0")
         if not (0 <= self.beta1 < 1 and 0 <= self.beta2 < 1):
@@ -231,7 +240,8 @@ class RunConfig:
             getattr(self, f.name).validate()
         if self.data.seq_length > self.model.max_seq_length and self.model.position_embedding == "rotary":
             raise ConfigError(
-                f"data.seq_length={self.data.seq_length} exceeds model.max_seq_length={self.model.max_seq_length}"
+                f"data.seq_length={self.data.seq_length} exceeds "
+                f"model.max_seq_length={self.model.max_seq_length}"
             )
         return self
 

@@ -57,12 +57,21 @@ def run(cfg: RunConfig) -> TrainState:
     model = build_model(cfg).to(device)
     optimizer = build_optimizer(model, cfg.optim)
     trainer = Trainer(
-        cfg, model, optimizer, train_data, valid_data,
-        loss_fn=language_model_loss, device=device, run_dir=run_dir, hooks=ParallelHooks(),
+        cfg,
+        model,
+        optimizer,
+        train_data,
+        valid_data,
+        loss_fn=language_model_loss,
+        device=device,
+        run_dir=run_dir,
+        hooks=ParallelHooks(),
     )
     resume_from = cfg.checkpoint.load_dir or cfg.checkpoint.save_dir
     if not (resume_from and trainer.resume(resume_from)):
-        trainer.logger.print(f"model {cfg.model.name}: {sum(p.numel() for p in model.parameters()):,} parameters")
+        trainer.logger.print(
+            f"model {cfg.model.name}: {sum(p.numel() for p in model.parameters()):,} parameters"
+        )
     state = trainer.fit()
     trainer.logger.close()
     return state
@@ -97,11 +106,14 @@ def _select_device(choice: str) -> torch.device:
 def _check_inputs(cfg: RunConfig) -> None:
     """File-level checks that must fail before anything starts."""
     if not cfg.data.tokenizer:
-        raise ConfigError("data.tokenizer is not set: give a tokenizer.json or SentencePiece .model file "
-                          "(tools/train_tokenizer.py makes one)")
+        raise ConfigError(
+            "data.tokenizer is not set: give a tokenizer.json or SentencePiece .model file "
+            "(tools/train_tokenizer.py makes one)"
+        )
     if not Path(cfg.data.tokenizer).is_file():
-        raise ConfigError(f"data.tokenizer={cfg.data.tokenizer} does not exist "
-                          "(tools/train_tokenizer.py makes one)")
+        raise ConfigError(
+            f"data.tokenizer={cfg.data.tokenizer} does not exist (tools/train_tokenizer.py makes one)"
+        )
     if cfg.train.init_from and resolve_checkpoint(cfg.train.init_from) is None:
         raise ConfigError(f"train.init_from={cfg.train.init_from} holds no complete checkpoint")
 
@@ -123,10 +135,13 @@ def _build_data(cfg: RunConfig, tokenizer):
 
     tc = cfg.train
     num_samples = (tc.steps * tc.global_batch_size, tc.eval_batches * tc.global_batch_size, 0)
-    train, valid, _ = build_datasets(cfg.data, tokenizer, num_samples, cfg.data.seq_length, cfg.model.vocab_size)
+    train, valid, _ = build_datasets(
+        cfg.data, tokenizer, num_samples, cfg.data.seq_length, cfg.model.vocab_size
+    )
     if train is None:
-        raise ConfigError("data.train is empty: name at least one dataset prefix (tools/preprocess_data.py "
-                          "writes them)")
+        raise ConfigError(
+            "data.train is empty: name at least one dataset prefix (tools/preprocess_data.py writes them)"
+        )
     return train, valid
 
 

@@ -12,10 +12,28 @@ from megatron_andromeda.models.rotary import RotaryEmbedding, apply_rotary, rota
 from megatron_andromeda.presets import NOMINAL_PARAMETERS, PRESETS
 
 PALM = dict(vocab_size=97, hidden_size=64, num_layers=2, num_heads=4, num_kv_heads=1)
-MPT = dict(vocab_size=97, hidden_size=64, num_layers=2, num_heads=4, num_kv_heads=4, block="sequential",
-           activation="gelu", position_embedding="alibi", z_loss=0.0)
-LLAMA = dict(vocab_size=97, hidden_size=64, num_layers=2, num_heads=4, num_kv_heads=2, block="sequential",
-             norm="rmsnorm", rotary_interleaved=False, tie_embeddings=False)
+MPT = dict(
+    vocab_size=97,
+    hidden_size=64,
+    num_layers=2,
+    num_heads=4,
+    num_kv_heads=4,
+    block="sequential",
+    activation="gelu",
+    position_embedding="alibi",
+    z_loss=0.0,
+)
+LLAMA = dict(
+    vocab_size=97,
+    hidden_size=64,
+    num_layers=2,
+    num_heads=4,
+    num_kv_heads=2,
+    block="sequential",
+    norm="rmsnorm",
+    rotary_interleaved=False,
+    tie_embeddings=False,
+)
 SHAPES = {"palm": PALM, "mpt": MPT, "llama": LLAMA}
 
 
@@ -136,8 +154,11 @@ def test_kv_cache_matches_full_forward():
         model = tiny(kind)
         tokens = torch.randint(0, 97, (2, 14))
         cache = KVCache()
-        parts = [model(tokens[:, :6], cache=cache), model(tokens[:, 6:7], cache=cache),
-                 model(tokens[:, 7:], cache=cache)]
+        parts = [
+            model(tokens[:, :6], cache=cache),
+            model(tokens[:, 6:7], cache=cache),
+            model(tokens[:, 7:], cache=cache),
+        ]
         torch.testing.assert_close(torch.cat(parts, dim=1), model(tokens), rtol=1e-5, atol=1e-5)
 
 

@@ -1,8 +1,8 @@
 #!/usr/bin/env python3
 """Parameter count, training FLOPs per token and training memory of a model preset or config.
 
-    python tools/model_info.py --model andromeda-1b [--seq-length 2048] [--json]
-    python tools/model_info.py --config examples/configs/andromeda_1b.yaml
+python tools/model_info.py --model andromeda-1b [--seq-length 2048] [--json]
+python tools/model_info.py --config examples/configs/andromeda_1b.yaml
 """
 
 from __future__ import annotations
@@ -34,9 +34,16 @@ def model_info(cfg: ModelConfig, seq_length: int) -> dict:
         "seq_length": seq_length,
         "training_flops_per_token": training_flops_per_token(cfg, seq_length),
         "memory_bytes": memory.as_dict(),
-        "shape": {"hidden_size": cfg.hidden_size, "num_layers": cfg.num_layers, "num_heads": cfg.num_heads,
-                  "head_dim": cfg.kv_channels, "num_kv_heads": cfg.num_kv_heads, "ffn_size": cfg.ffn_size,
-                  "vocab_size": cfg.vocab_size, "block": cfg.block},
+        "shape": {
+            "hidden_size": cfg.hidden_size,
+            "num_layers": cfg.num_layers,
+            "num_heads": cfg.num_heads,
+            "head_dim": cfg.kv_channels,
+            "num_kv_heads": cfg.num_kv_heads,
+            "ffn_size": cfg.ffn_size,
+            "vocab_size": cfg.vocab_size,
+            "block": cfg.block,
+        },
     }
 
 
@@ -48,7 +55,10 @@ def format_table(info: dict) -> str:
         ("parameters", f"{info['parameters']:,} ({info['parameters'] / 1e6:.1f}M)"),
         ("  non-embedding", f"{info['non_embedding_parameters']:,}"),
         ("  embedding (+ untied head)", f"{info['embedding_parameters']:,}"),
-        (f"training FLOPs / token (seq {info['seq_length']})", f"{info['training_flops_per_token'] / 1e9:.3f} GFLOP"),
+        (
+            f"training FLOPs / token (seq {info['seq_length']})",
+            f"{info['training_flops_per_token'] / 1e9:.3f} GFLOP",
+        ),
         ("weights (bf16)", f"{mem['weights'] / gib:.2f} GiB"),
         ("gradients (fp32)", f"{mem['gradients'] / gib:.2f} GiB"),
         ("master weights (fp32)", f"{mem['master_weights'] / gib:.2f} GiB"),
@@ -60,11 +70,15 @@ def format_table(info: dict) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     source = parser.add_mutually_exclusive_group(required=True)
     source.add_argument("--model", help="a preset name, e.g. andromeda-1b")
     source.add_argument("--config", help="a run config YAML (its model section is used)")
-    parser.add_argument("--seq-length", type=int, default=None, help="default: the config's data.seq_length or 2048")
+    parser.add_argument(
+        "--seq-length", type=int, default=None, help="default: the config's data.seq_length or 2048"
+    )
     parser.add_argument("--json", action="store_true", help="print one JSON object")
     args = parser.parse_args(argv)
     try:

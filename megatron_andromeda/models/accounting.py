@@ -71,7 +71,9 @@ class TrainingMemory:
         return {**asdict(self), "total": self.total}
 
 
-def training_memory(cfg: ModelConfig, data_parallel: int = 1, distributed_optimizer: bool = False) -> TrainingMemory:
+def training_memory(
+    cfg: ModelConfig, data_parallel: int = 1, distributed_optimizer: bool = False
+) -> TrainingMemory:
     """Megatron's accounting: 2 (bf16 weight) + 4 (fp32 grad) + 4 (fp32 master) + 8 (Adam m, v) bytes.
 
     With the distributed optimizer (ZeRO-1) master weights and Adam states are split over the data
@@ -79,5 +81,6 @@ def training_memory(cfg: ModelConfig, data_parallel: int = 1, distributed_optimi
     """
     n = count_parameters(cfg).total
     shard = data_parallel if distributed_optimizer else 1
-    return TrainingMemory(weights=2 * n, gradients=4 * n, master_weights=4 * n // shard,
-                          optimizer_states=8 * n // shard)
+    return TrainingMemory(
+        weights=2 * n, gradients=4 * n, master_weights=4 * n // shard, optimizer_states=8 * n // shard
+    )

@@ -50,7 +50,9 @@ class CoreAttention(nn.Module):
         super().__init__()
         self.dropout = dropout
 
-    def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, inputs: AttentionInputs) -> torch.Tensor:
+    def forward(
+        self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, inputs: AttentionInputs
+    ) -> torch.Tensor:
         # q: (B, H, Tq, hd); k, v: (B, kvH, Tk, hd)
         if k.shape[1] != q.shape[1]:
             # Multi-query / grouped: expand is a view; SDPA's CPU kernels want dense heads.
@@ -59,7 +61,9 @@ class CoreAttention(nn.Module):
             v = v.repeat_interleave(groups, dim=1) if groups > 1 else v
         dropout = self.dropout if self.training else 0.0
         if inputs.bias is not None:
-            return F.scaled_dot_product_attention(q, k, v, attn_mask=inputs.bias.to(q.dtype), dropout_p=dropout)
+            return F.scaled_dot_product_attention(
+                q, k, v, attn_mask=inputs.bias.to(q.dtype), dropout_p=dropout
+            )
         if inputs.mask is not None:
             return F.scaled_dot_product_attention(q, k, v, attn_mask=inputs.mask, dropout_p=dropout)
         return F.scaled_dot_product_attention(q, k, v, is_causal=inputs.is_causal, dropout_p=dropout)

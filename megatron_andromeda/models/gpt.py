@@ -42,7 +42,9 @@ class GPTModel(nn.Module):
         own_head = post_process and not (cfg.tie_embeddings and pre_process)
         self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False) if own_head else None
         if cfg.position_embedding == "rotary":
-            self.rotary = RotaryEmbedding(cfg.kv_channels, cfg.max_seq_length, cfg.rotary_base, cfg.rotary_interleaved)
+            self.rotary = RotaryEmbedding(
+                cfg.kv_channels, cfg.max_seq_length, cfg.rotary_base, cfg.rotary_interleaved
+            )
         else:
             self.rotary = None
             self.register_buffer("alibi_slopes", alibi_slopes(cfg.num_heads), persistent=False)

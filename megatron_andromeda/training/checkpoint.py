@@ -114,8 +114,11 @@ def resolve_checkpoint(path: str | Path) -> Path | None:
         named = path / latest.read_text().strip()
         if _is_complete(named):
             return named
-        warnings.warn(f"{latest} names {named.name}, which is missing or incomplete; "
-                      "falling back to the newest complete checkpoint", stacklevel=2)
+        warnings.warn(
+            f"{latest} names {named.name}, which is missing or incomplete; "
+            "falling back to the newest complete checkpoint",
+            stacklevel=2,
+        )
     for candidate in candidates:
         if _is_complete(candidate):
             return candidate
@@ -134,7 +137,9 @@ def verify_checkpoint(ckpt: Path) -> None:
             raise CheckpointError(f"checkpoint file {file} is missing")
         size = file.stat().st_size
         if size != entry["size"]:
-            raise CheckpointError(f"checkpoint file {file} has {size} bytes, the manifest says {entry['size']}")
+            raise CheckpointError(
+                f"checkpoint file {file} has {size} bytes, the manifest says {entry['size']}"
+            )
         if _sha256(file) != entry["sha256"]:
             raise CheckpointError(f"checkpoint file {file} fails its sha256 check (corrupted)")
 
@@ -163,14 +168,18 @@ def load_checkpoint(
     state = load_file(str(ckpt / "model.safetensors"))
     missing, unexpected = model.load_state_dict(state, strict=False)
     if missing or unexpected:
-        raise CheckpointError(f"{ckpt / 'model.safetensors'} does not fit the model: missing {missing[:5]}, "
-                              f"unexpected {unexpected[:5]}")
+        raise CheckpointError(
+            f"{ckpt / 'model.safetensors'} does not fit the model: missing {missing[:5]}, "
+            f"unexpected {unexpected[:5]}"
+        )
     trainer_state: dict[str, Any] = {}
     if (ckpt / "trainer_state.json").exists():
         trainer_state = json.loads((ckpt / "trainer_state.json").read_text())
     if optimizer is not None and (ckpt / "optimizer.safetensors").exists():
         groups = json.loads((ckpt / "optimizer.json").read_text())
-        optimizer.load_state_dict(unflatten_optimizer_state(load_file(str(ckpt / "optimizer.safetensors")), groups))
+        optimizer.load_state_dict(
+            unflatten_optimizer_state(load_file(str(ckpt / "optimizer.safetensors")), groups)
+        )
     if restore_rng and (ckpt / "rng.safetensors").exists():
         set_torch_rng_state(load_file(str(ckpt / "rng.safetensors")))
         if "rng" in trainer_state:

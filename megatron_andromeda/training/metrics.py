@@ -47,7 +47,7 @@ class MetricsLogger:
         if not enabled or run_dir is None:
             return
         run_dir.mkdir(parents=True, exist_ok=True)
-        self._jsonl = open(run_dir / "metrics.jsonl", "a", buffering=1)
+        self._jsonl = open(run_dir / "metrics.jsonl", "a", buffering=1)  # noqa: SIM115 (open for the run)
         if cfg.tensorboard:
             try:
                 from torch.utils.tensorboard import SummaryWriter

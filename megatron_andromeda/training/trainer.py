@@ -12,7 +12,7 @@ import math
 import resource
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -44,10 +44,27 @@ class ParallelHooks:
     dp_size: int = 1
     is_logging_rank: bool = True
     num_devices: int = 1
+    schedule: Callable[..., list[dict[str, torch.Tensor]]] = field(default=None)  # type: ignore[assignment]
     finish_gradients: Callable[[nn.Module], None] = lambda model: None
+    loss_from_last_stage: Callable[[torch.Tensor], torch.Tensor] = lambda t: t
     grad_norm: Callable[[Sequence[torch.Tensor]], torch.Tensor] | None = None
     mean_across_data: Callable[[torch.Tensor], torch.Tensor] = lambda t: t
     any_rank_true: Callable[[bool], bool] = lambda flag: flag
+
+    def __post_init__(self):
+        if self.schedule is None:
+            self.schedule = no_pipelining
+
+
+def no_pipelining(forward_step, data_iterator, model: nn.Module, num_microbatches: int) -> list[dict]:
+    """The schedule of a model that is not split into stages: forward and backward each micro-batch."""
+    parts = []
+    for _ in range(num_microbatches):
+        output, loss_fn = forward_step(data_iterator, model)
+        loss, loss_parts = loss_fn(output)
+        loss.backward()
+        parts.append(loss_parts)
+    return parts
 
 
 class Trainer:
@@ -79,7 +96,8 @@ class Trainer:
         per_rank = tc.global_batch_size // self.hooks.dp_size
         if tc.global_batch_size % (tc.micro_batch_size * self.hooks.dp_size):
             raise ValueError(
-                f"train.global_batch_size={tc.global_batch_size} must be a multiple of train.micro_batch_size="
+                f"train.global_batch_size={tc.global_batch_size} must be a multiple of "
+                f"train.micro_batch_size="
                 f"{tc.micro_batch_size} x data-parallel degree {self.hooks.dp_size}"
             )
         self.samples_per_rank = per_rank
@@ -105,14 +123,31 @@ class Trainer:
 
     def _collate(self, dataset: Any, indices: range) -> dict[str, torch.Tensor]:
         samples = [dataset[i % len(dataset)] for i in indices]
-        return {k: torch.stack([s[k] for s in samples]).to(self.device, non_blocking=True) for k in samples[0]}
+        return {
+            k: torch.stack([s[k] for s in samples]).to(self.device, non_blocking=True) for k in samples[0]
+        }
 
     # ------------------------------------------------------------------------------------------ steps
-    def forward_loss(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    def forward_step(self, data_iterator, model: nn.Module):
+        """The schedule contract: `forward_step(data_iterator, model) -> (output, loss_fn)`.
+
+        `output` is what the model (or pipeline stage) returns; `loss_fn(output)` gives the loss to
+        backpropagate, already divided by the number of micro-batches (and scaled for fp16), and the
+        unscaled parts for logging. On a stage without the head the schedule never calls loss_fn.
+        """
+        batch = next(data_iterator)
         position_ids = batch.get("position_ids") if self.cfg.data.reset_position_ids else None
         with self._autocast():
-            logits = self.model(batch["tokens"], position_ids=position_ids, segment_ids=batch.get("segment_ids"))
-        return self.loss_fn(logits, batch["labels"], batch.get("loss_mask"), z_loss=self.cfg.model.z_loss)
+            output = model(batch["tokens"], position_ids=position_ids, segment_ids=batch.get("segment_ids"))
+
+        def loss_fn(logits: torch.Tensor):
+            loss, parts = self.loss_fn(
+                logits, batch["labels"], batch.get("loss_mask"), z_loss=self.cfg.model.z_loss
+            )
+            scaled = loss / self.accumulation_steps
+            return (self.scaler.scale(scaled) if self.scaler else scaled), parts
+
+        return output, loss_fn
 
     def train_step(self) -> dict[str, float]:
         tc, oc = self.cfg.train, self.cfg.optim
@@ -120,17 +155,22 @@ class Trainer:
         set_learning_rate(self.optimizer, lr)
         self.model.train()
         self.optimizer.zero_grad(set_to_none=True)
-        loss_sum = torch.zeros((), device=self.device)
-        for batch in self.micro_batches(self.state.consumed_samples):
-            loss, parts = self.forward_loss(batch)
-            scaled = loss / self.accumulation_steps
-            (self.scaler.scale(scaled) if self.scaler else scaled).backward()
-            loss_sum += parts["lm_loss"]
+        parts = self.hooks.schedule(
+            self.forward_step,
+            iter(self.micro_batches(self.state.consumed_samples)),
+            self.model,
+            self.accumulation_steps,
+        )
         self.hooks.finish_gradients(self.model)
         if self.scaler is not None:
             self.scaler.unscale_(self.optimizer)
         grad_norm = self._grad_norm()
-        loss = self.hooks.mean_across_data(loss_sum / self.accumulation_steps)
+        local = (
+            torch.stack([p["lm_loss"] for p in parts]).mean()
+            if parts
+            else torch.zeros((), device=self.device)
+        )
+        loss = self.hooks.mean_across_data(self.hooks.loss_from_last_stage(local))
         finite = math.isfinite(loss.item()) and math.isfinite(grad_norm.item())
         skip = self.hooks.any_rank_true(not finite)
         if skip:
@@ -167,7 +207,9 @@ class Trainer:
     def _skip_step(self) -> None:
         self.state.skipped_steps += 1
         self.state.consecutive_skips += 1
-        self.logger.print(f"step {self.state.step}: non-finite loss or gradient, update skipped on every rank")
+        self.logger.print(
+            f"step {self.state.step}: non-finite loss or gradient, update skipped on every rank"
+        )
         limit = self.cfg.train.max_consecutive_skips
         if self.state.consecutive_skips >= limit:
             raise RuntimeError(
@@ -195,25 +237,31 @@ class Trainer:
         total = torch.zeros((), device=self.device)
         for b in range(self.cfg.train.eval_batches):
             batch = self._collate(dataset, range(first + b * mbs, first + (b + 1) * mbs))
-            _, parts = self.forward_loss(batch)
-            total += parts["lm_loss"]
+            output, loss_fn = self.forward_step(iter([batch]), self.model)
+            total += loss_fn(output)[1]["lm_loss"]
         loss = self.hooks.mean_across_data(total / self.cfg.train.eval_batches).item()
         return {"loss": loss, "ppl": math.exp(min(loss, 50.0))}
 
     # ------------------------------------------------------------------------------------------ loop
-    def fit(self) -> TrainState:
+    def fit(self, stop_at: int | None = None) -> TrainState:
+        """Train to train.steps, or stop early after step `stop_at` (as a time-limited job would)."""
         tc, lc = self.cfg.train, self.cfg.logging
+        last = tc.steps if stop_at is None else min(stop_at, tc.steps)
         self.logger.start_at(self.state.step)
         window_start, window_steps = time.perf_counter(), 0
         run_start, start_step = time.perf_counter(), self.state.step
-        while self.state.step < tc.steps:
+        if self.state.step == 0 and tc.eval_interval:
+            self.logger.log(0, self.evaluate(), kind="valid")
+        while self.state.step < last:
             metrics = self.train_step()
             window_steps += 1
             self.logger.advance()
             step = self.state.step
             if step % lc.log_interval == 0 or step == tc.steps:
                 elapsed = time.perf_counter() - window_start
-                self.logger.log(step, self._speed_metrics(metrics, elapsed, window_steps, run_start, start_step))
+                self.logger.log(
+                    step, self._speed_metrics(metrics, elapsed, window_steps, run_start, start_step)
+                )
                 window_start, window_steps = time.perf_counter(), 0
             if tc.eval_interval and (step % tc.eval_interval == 0 or step == tc.steps):
                 self.logger.log(step, self.evaluate(), kind="valid")
@@ -228,7 +276,11 @@ class Trainer:
         if peak is None and self.device.type == "cuda":
             peak = peak_flops_for(torch.cuda.get_device_name(self.device))
         done = self.state.step - start_step
-        eta = (time.perf_counter() - run_start) / done * (self.cfg.train.steps - self.state.step) if done else None
+        eta = (
+            (time.perf_counter() - run_start) / done * (self.cfg.train.steps - self.state.step)
+            if done
+            else None
+        )
         return {
             "tokens": self.state.step * self.tokens_per_step,
             "loss": m["loss"],
@@ -253,7 +305,13 @@ class Trainer:
     def save(self) -> Path:
         cc = self.cfg.checkpoint
         path = ckpt.save_checkpoint(
-            cc.save_dir, self.state.step, self.cfg, self.model, self.optimizer, self.trainer_state(), cc.keep_last
+            cc.save_dir,
+            self.state.step,
+            self.cfg,
+            self.model,
+            self.optimizer,
+            self.trainer_state(),
+            cc.keep_last,
         )
         self.logger.print(f"saved checkpoint {path}")
         return path
@@ -261,7 +319,9 @@ class Trainer:
     def trainer_state(self) -> dict[str, Any]:
         state = asdict(self.state)
         if self.scaler is not None:
-            state["grad_scaler"] = {k: v for k, v in self.scaler.state_dict().items() if not torch.is_tensor(v)}
+            state["grad_scaler"] = {
+                k: v for k, v in self.scaler.state_dict().items() if not torch.is_tensor(v)
+            }
         return state
 
     def resume(self, path: str | Path) -> bool:
