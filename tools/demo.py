@@ -101,17 +101,8 @@ def main(argv: list[str] | None = None) -> int:
     )
 
     step("4/4 generate")
-    from megatron_andromeda.generation import generate_from_checkpoint
-
-    generate_from_checkpoint(
-        str(out / "checkpoints"),
-        args.prompt,
-        max_new_tokens=60,
-        temperature=0.8,
-        top_k=40,
-        seed=0,
-        stream=True,
-    )
+    tool("tools/generate.py", "--checkpoint", str(out / "checkpoints"), "--prompt", args.prompt,
+         "--max-new-tokens", "60", "--temperature", "0.8", "--top-k", "40", "--seed", "0")
     print()
     return 0
 

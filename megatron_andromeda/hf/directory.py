@@ -1,0 +1,157 @@
+"""Hugging Face model directories and Andromeda checkpoints on disk, around the mappings in `convert`.
+
+An exported directory holds what `AutoModelForCausalLM.from_pretrained` and `AutoTokenizer` expect:
+`config.json`, `model.safetensors` (or shards plus `model.safetensors.index.json`), the tokenizer
+files and `generation_config.json`, all written through transformers' and huggingface_hub's own
+writers.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import os
+import shutil
+from pathlib import Path
+
+import torch
+
+from megatron_andromeda.config import ModelConfig, RunConfig
+from megatron_andromeda.hf.convert import ConversionError, StateDict, TokenIds, from_hf, to_hf
+
+log = logging.getLogger(__name__)
+
+
+# ----------------------------------------------------------------------------------- directories
+def save_hf_directory(
+    output: str | os.PathLike,
+    cfg: ModelConfig,
+    state_dict: StateDict,
+    *,
+    tokenizer: str | os.PathLike | None = None,
+    dtype: torch.dtype | None = None,
+    max_shard_size: int | str = "5GB",
+    overwrite: bool = False,
+) -> Path:
+    """Write a directory that `AutoModelForCausalLM.from_pretrained` loads (see the module docstring).
+
+    Everything is written under a temporary name and renamed into place at the end, so an
+    interrupted export never leaves a directory that looks complete.
+    """
+    from huggingface_hub import save_torch_state_dict
+    from transformers import GenerationConfig
+
+    output = Path(output)
+    if output.exists() and any(output.iterdir()) and not overwrite:
+        raise ConversionError(
+            f"--output {output} exists and is not empty; choose a new directory or pass --overwrite"
+        )
+    tmp = output.with_name(f".{output.name}.tmp-{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    try:
+        tokens = save_tokenizer(tokenizer, tmp, cfg) if tokenizer else TokenIds()
+        hf_config, hf_sd = to_hf(cfg, state_dict, tokens)
+        if dtype is not None:
+            hf_sd = {k: v.to(dtype) if v.is_floating_point() else v for k, v in hf_sd.items()}
+        hf_config.dtype = next(iter(hf_sd.values())).dtype
+        hf_config.save_pretrained(tmp)
+        save_torch_state_dict(hf_sd, tmp, max_shard_size=max_shard_size)
+        GenerationConfig(**tokens.as_config()).save_pretrained(tmp)
+        if output.exists():
+            shutil.rmtree(output)
+        os.replace(tmp, output)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return output
+
+
+def save_tokenizer(tokenizer: str | os.PathLike, directory: Path, cfg: ModelConfig) -> TokenIds:
+    """Write a `tokenizer.json` as a transformers fast tokenizer with eos/pad set; returns their ids."""
+    from transformers import PreTrainedTokenizerFast
+
+    from megatron_andromeda.data.tokenizer import HFTokenizer, load_tokenizer
+
+    ours = load_tokenizer(tokenizer)
+    if not isinstance(ours, HFTokenizer):
+        raise ConversionError(f"tokenizer {tokenizer} is SentencePiece; only tokenizer.json files export")
+    if ours.vocab_size > cfg.vocab_size:
+        raise ConversionError(
+            f"tokenizer {ours.path} has {ours.vocab_size} ids but model.vocab_size={cfg.vocab_size}: "
+            "is it the tokenizer this model was trained with?"
+        )
+    try:
+        eos = ours.eod_id
+    except ValueError as e:
+        log.warning("%s; the export has no eos token", e)
+        eos = None
+    pad = ours.pad_id if ours.pad_id is not None else eos
+    plain = PreTrainedTokenizerFast(tokenizer_file=ours.path)
+    name = lambda i: plain.convert_ids_to_tokens(i) if i is not None else None
+    hf_tok = PreTrainedTokenizerFast(
+        tokenizer_file=ours.path,
+        eos_token=name(eos),
+        pad_token=name(pad),
+        model_max_length=cfg.max_seq_length,
+    )
+    hf_tok.save_pretrained(directory)
+    return TokenIds(eos=eos, pad=pad)
+
+
+def load_hf_directory(path: str | os.PathLike) -> tuple[ModelConfig, StateDict]:
+    """Read a Hugging Face model directory (safetensors, single or sharded) into fp32 Andromeda state."""
+    from transformers import AutoConfig
+
+    path = Path(path)
+    if not (path / "config.json").is_file():
+        raise ConversionError(f"--hf {path} has no config.json; point it at a Hugging Face model directory")
+    try:
+        hf_config = AutoConfig.from_pretrained(path)
+    except (ValueError, OSError) as e:  # unknown model_type, unreadable JSON
+        raise ConversionError(f"--hf {path}: transformers cannot read its config.json ({e})") from e
+    weights = {k: v.float() if v.is_floating_point() else v for k, v in _read_safetensors(path).items()}
+    return from_hf(hf_config, weights)
+
+
+def _read_safetensors(path: Path) -> StateDict:
+    from safetensors.torch import load_file
+
+    if (path / "model.safetensors").is_file():
+        return load_file(path / "model.safetensors")
+    index = path / "model.safetensors.index.json"
+    if not index.is_file():
+        raise ConversionError(
+            f"{path} has neither model.safetensors nor model.safetensors.index.json (pickled "
+            "pytorch_model.bin is not read: re-save with save_pretrained(..., safe_serialization=True))"
+        )
+    weights: StateDict = {}
+    for shard in sorted(set(json.loads(index.read_text())["weight_map"].values())):
+        weights.update(load_file(path / shard))
+    return weights
+
+
+# ----------------------------------------------------------------------------------- Andromeda checkpoints
+def read_checkpoint(path: str | os.PathLike) -> tuple[RunConfig, StateDict]:
+    """The run config and FULL model state of a checkpoint, whatever its layout.
+
+    The single place that knows checkpoint layouts: when sharded (tensor x pipeline) checkpoints
+    exist, merging them belongs here (KV heads replicated across tensor ranks taken once).
+    """
+    from megatron_andromeda.training.checkpoint import read_model_state
+
+    return read_model_state(path)
+
+
+def run_config_for(
+    cfg: ModelConfig, tokenizer: str | os.PathLike | None, base: RunConfig | None = None
+) -> RunConfig:
+    """A run config around an imported model: `base`'s other sections, a sequence length the model allows."""
+    base = base or RunConfig()
+    data = dataclasses.replace(
+        base.data,
+        tokenizer=str(Path(tokenizer).resolve()) if tokenizer else base.data.tokenizer,
+        seq_length=min(base.data.seq_length, cfg.max_seq_length),
+    )
+    return dataclasses.replace(base, model=cfg, data=data).validate()
