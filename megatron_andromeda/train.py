@@ -79,8 +79,7 @@ def run(cfg: RunConfig) -> TrainState:
 
 def build_model(cfg: RunConfig) -> GPTModel:
     """The full model with weights drawn from the run's seed, or loaded from `train.init_from`."""
-    torch.manual_seed(cfg.train.seed)
-    model = GPTModel(cfg.model)
+    model = GPTModel(cfg.model, init_seed=cfg.train.seed)
     if cfg.train.init_from:
         _, state = read_model_state(cfg.train.init_from)
         model.load_state_dict(state)

@@ -185,3 +185,15 @@ def test_loss_mask_and_z_loss():
     z = torch.logsumexp(logits[0, :2], -1).square().mean()
     torch.testing.assert_close(total, expected + 0.5 * z)
     torch.testing.assert_close(parts["z_loss"], z)
+
+
+def test_seeded_init_is_layout_independent():
+    cfg = ModelConfig(**{**PALM, "num_layers": 4, "tie_embeddings": False})
+    full = GPTModel(cfg, init_seed=5)
+    first = GPTModel(cfg, init_seed=5, layer_ids=[0, 1], post_process=False)
+    last = GPTModel(cfg, init_seed=5, layer_ids=[2, 3], pre_process=False)
+    full_state = full.state_dict()
+    for part in (first, last):
+        for name, tensor in part.state_dict().items():
+            assert torch.equal(tensor, full_state[name]), name
+    assert not torch.equal(GPTModel(cfg, init_seed=6).embedding.weight, full.embedding.weight)

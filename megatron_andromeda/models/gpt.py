@@ -8,6 +8,7 @@ layout ("layers.7.attn.qkv_proj.weight"), which is what checkpoint resharding re
 
 from __future__ import annotations
 
+import hashlib
 import math
 from collections.abc import Sequence
 
@@ -29,6 +30,7 @@ class GPTModel(nn.Module):
         layer_ids: Sequence[int] | None = None,
         pre_process: bool = True,
         post_process: bool = True,
+        init_seed: int | None = None,
     ):
         super().__init__()
         self.cfg = cfg
@@ -48,14 +50,24 @@ class GPTModel(nn.Module):
         else:
             self.rotary = None
             self.register_buffer("alibi_slopes", alibi_slopes(cfg.num_heads), persistent=False)
-        self.reset_parameters()
+        self.reset_parameters(init_seed)
 
     # ------------------------------------------------------------------------------------------ init
-    def reset_parameters(self, generator: torch.Generator | None = None) -> None:
-        """N(0, init_std) everywhere; residual output projections scaled by 1/sqrt(2 * num_layers)."""
+    def reset_parameters(self, seed: int | None = None) -> None:
+        """N(0, init_std) everywhere; residual output projections scaled by 1/sqrt(2 * num_layers).
+
+        With a `seed`, each parameter draws from its own generator seeded by (seed, parameter name),
+        so a pipeline stage that builds only its own layers gets exactly the weights the full model
+        would have; without one, parameters draw from torch's global generator in order.
+        """
         std = self.cfg.init_std
         out_std = std / math.sqrt(2 * self.cfg.num_layers)
         for name, p in self.named_parameters():
+            generator = None
+            if seed is not None:
+                generator = torch.Generator(device=p.device).manual_seed(
+                    seed * 1_000_003 + _stable_hash(name)
+                )
             if p.dim() == 1:
                 nn.init.ones_(p)
             elif name.endswith(("o_proj.weight", "down_proj.weight")):
@@ -124,6 +136,11 @@ class GPTModel(nn.Module):
             inputs.mask = mask
         inputs.is_causal = past == 0 or T > 1
         return inputs
+
+
+def _stable_hash(name: str) -> int:
+    """A process-independent 31-bit hash (Python's hash() is salted per process)."""
+    return int.from_bytes(hashlib.blake2b(name.encode(), digest_size=4).digest(), "little") >> 1
 
 
 def language_model_loss(
