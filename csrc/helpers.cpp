@@ -1,15 +1,16 @@
-// Fast index builders for the GPT datasets, exposed to Python through pybind11.
+// Fast index builders and sample gathering for the GPT datasets, exposed to Python via pybind11.
 //
-// Every function here has a NumPy reference in megatron_andromeda/data/index_reference.py and a
-// property test holding the two equal.
+// Every function here has a NumPy reference in megatron_andromeda/data/index_reference.py
+// (SampleGatherer::gather: gather_sample) and a property test holding the two equal.
 #include <pybind11/numpy.h>
 #include <pybind11/pybind11.h>
 
 #include <algorithm>
 #include <cstdint>
 #include <functional>
-#include <vector>
 #include <stdexcept>
+#include <utility>
+#include <vector>
 
 namespace py = pybind11;
 
@@ -66,7 +67,6 @@ py::array build_sample_idx(const py::array_t<int32_t, py::array::c_style>& sizes
   return build_sample_idx_impl<int32_t>(sizes, doc_idx, seq_length, num_samples);
 }
 
-
 // Blending index: which source (dataset_index) and which of its samples (dataset_sample_index) fills
 // each slot of a blend. Source i has integer weight numerators[i] / denominator (the numerators sum
 // to the denominator). Its k-th sample (k = 1, 2, ...) may only go in a slot t of the window
@@ -82,17 +82,17 @@ struct Source {
 };
 
 constexpr int64_t kNever = int64_t{1} << 47;  // a slot past any real blend size
-constexpr int kSourceBits = 16;               // low bits of a heap key hold the source
+constexpr int kSourceBits = 16;               // low bits of a key hold the source
+constexpr uint64_t kSourceMask = (uint64_t{1} << kSourceBits) - 1;
+constexpr int64_t kScanMaxSources = 64;
 
-void advance(Source& s) {  // next_ <- next_ + D / n, saturating at kNever
-  if (s.next_q >= kNever) return;
-  s.next_q += s.step_q;
-  s.next_r += s.step_r;
-  if (s.next_r >= s.numerator) {
-    s.next_r -= s.numerator;
-    ++s.next_q;
-  }
-  if (s.next_q > kNever) s.next_q = kNever;
+// next_ <- next_ + D / n, saturating at kNever; branch-free because the carry is random.
+void advance(Source& s) {
+  const int64_t r = s.next_r + s.step_r;
+  const int64_t carry = r >= s.numerator ? 1 : 0;
+  s.next_r = r - carry * s.numerator;
+  const int64_t q = s.next_q + s.step_q + carry;
+  s.next_q = q < kNever ? q : kNever;
 }
 
 int64_t deadline(const Source& s) { return s.next_q + (s.next_r != 0 ? 1 : 0); }
@@ -122,36 +122,91 @@ uint64_t pack(int64_t bound, int64_t source) {
   return (static_cast<uint64_t>(bound) << kSourceBits) | static_cast<uint64_t>(source);
 }
 
+// Few sources: a branch-free scan of every source per slot beats a heap (no mispredicted branches).
+template <typename SourceIndex>
+void blend_scan(std::vector<Source>& sources, int64_t size, SourceIndex* dataset_index,
+                int64_t* dataset_sample_index) {
+  const int64_t n = static_cast<int64_t>(sources.size());
+  std::vector<int64_t> release(n, 0), counts(n, 0);
+  std::vector<uint64_t> key(n);  // packed (deadline, source) of each source's next sample
+  for (int64_t i = 0; i < n; ++i) {
+    if (sources[i].numerator == 0) release[i] = kNever;
+    key[i] = pack(deadline(sources[i]), i);
+  }
+  const uint64_t kNone = ~uint64_t{0};
+  const int64_t* rel = release.data();
+  const uint64_t* keys = key.data();
+  for (int64_t t = 0; t < size; ++t) {
+    // A waiting source (release > t) has its key masked to kNone by the sign of t - release.
+    // Four independent minima keep the dependency chain short.
+    uint64_t best[4] = {kNone, kNone, kNone, kNone};
+    int64_t i = 0;
+    for (; i + 4 <= n; i += 4) {
+      for (int lane = 0; lane < 4; ++lane) {
+        const uint64_t k = keys[i + lane] | static_cast<uint64_t>((t - rel[i + lane]) >> 63);
+        best[lane] = k < best[lane] ? k : best[lane];
+      }
+    }
+    for (; i < n; ++i) {
+      const uint64_t k = keys[i] | static_cast<uint64_t>((t - rel[i]) >> 63);
+      best[0] = k < best[0] ? k : best[0];
+    }
+    best[0] = std::min(std::min(best[0], best[1]), std::min(best[2], best[3]));
+    if (best[0] == kNone) throw std::logic_error("build_blending_indices: no source ready");
+    const int64_t j = static_cast<int64_t>(best[0] & kSourceMask);
+    dataset_index[t] = static_cast<SourceIndex>(j);
+    dataset_sample_index[t] = counts[j]++;
+    release[j] = sources[j].next_q;  // floor(count * D / n) for the new count
+    advance(sources[j]);
+    key[j] = pack(deadline(sources[j]), j);
+  }
+}
+
+// Many sources: ready sources in a heap by deadline, waiting ones in a heap by release.
+template <typename SourceIndex>
+void blend_heap(std::vector<Source>& sources, int64_t size, SourceIndex* dataset_index,
+                int64_t* dataset_sample_index) {
+  const int64_t n = static_cast<int64_t>(sources.size());
+  std::vector<int64_t> counts(n, 0);
+  KeyHeap ready(n), waiting(n);
+  for (int64_t i = 0; i < n; ++i) {
+    if (sources[i].numerator != 0) ready.push(pack(deadline(sources[i]), i));
+  }
+  for (int64_t t = 0; t < size; ++t) {
+    while (!waiting.empty() && static_cast<int64_t>(waiting.top() >> kSourceBits) <= t) {
+      const int64_t i = static_cast<int64_t>(waiting.pop() & kSourceMask);
+      ready.push(pack(deadline(sources[i]), i));
+    }
+    if (ready.empty()) throw std::logic_error("build_blending_indices: no source ready");
+    const int64_t i = static_cast<int64_t>(ready.pop() & kSourceMask);
+    dataset_index[t] = static_cast<SourceIndex>(i);
+    dataset_sample_index[t] = counts[i]++;
+    const int64_t release = sources[i].next_q;
+    advance(sources[i]);
+    if (release <= t + 1) {
+      ready.push(pack(deadline(sources[i]), i));
+    } else {
+      waiting.push(pack(release, i));
+    }
+  }
+}
+
 template <typename SourceIndex>
 void blend_impl(const int64_t* numerators, int64_t num_sources, int64_t denominator, int64_t size,
                 SourceIndex* dataset_index, int64_t* dataset_sample_index) {
   std::vector<Source> sources(num_sources);
-  std::vector<int64_t> counts(num_sources, 0);
-  KeyHeap ready(num_sources), waiting(num_sources);  // ready: by deadline; waiting: by release
   for (int64_t i = 0; i < num_sources; ++i) {
     const int64_t n = numerators[i];
-    if (n == 0) continue;  // weight zero: never released
-    Source& s = sources[i];
-    s = Source{denominator / n, denominator % n, denominator / n, denominator % n, n};
-    ready.push(pack(deadline(s), i));  // the first sample's window opens at slot 0
+    // A zero weight is never scheduled; its other fields are unused. A tiny one may have its first
+    // deadline past kNever: saturate it like every later bound.
+    sources[i] = n == 0 ? Source{0, 0, kNever, 0, 0}
+                        : Source{denominator / n, denominator % n, std::min(denominator / n, kNever),
+                                 denominator % n, n};
   }
-  for (int64_t t = 0; t < size; ++t) {
-    while (!waiting.empty() && static_cast<int64_t>(waiting.top() >> kSourceBits) <= t) {
-      const int64_t i = static_cast<int64_t>(waiting.pop() & ((1u << kSourceBits) - 1));
-      ready.push(pack(deadline(sources[i]), i));
-    }
-    if (ready.empty()) throw std::logic_error("build_blending_indices: no source ready (weights do not sum to 1)");
-    const int64_t i = static_cast<int64_t>(ready.pop() & ((1u << kSourceBits) - 1));
-    dataset_index[t] = static_cast<SourceIndex>(i);
-    dataset_sample_index[t] = counts[i]++;
-    Source& s = sources[i];
-    const int64_t release = s.next_q;  // floor(count * D / n) for the new count
-    advance(s);
-    if (release <= t + 1) {
-      ready.push(pack(deadline(s), i));
-    } else {
-      waiting.push(pack(release, i));
-    }
+  if (num_sources <= kScanMaxSources) {
+    blend_scan(sources, size, dataset_index, dataset_sample_index);
+  } else {
+    blend_heap(sources, size, dataset_index, dataset_sample_index);
   }
 }
 
@@ -160,18 +215,23 @@ py::tuple build_blending_indices(const py::array_t<int64_t, py::array::c_style>&
   const int64_t num_sources = numerators_.shape(0);
   if (num_sources < 1 || num_sources > (1 << 15)) throw std::invalid_argument("need 1 to 32768 sources");
   if (size < 0 || size >= kNever) throw std::invalid_argument("size out of range");
-  if (denominator <= 0 || denominator > (int64_t{1} << 62)) throw std::invalid_argument("denominator out of range");
+  if (denominator <= 0 || denominator > (int64_t{1} << 62)) {
+    throw std::invalid_argument("denominator out of range");
+  }
   const int64_t* numerators = numerators_.data();
   int64_t total = 0;
   for (int64_t i = 0; i < num_sources; ++i) {
-    if (numerators[i] < 0) throw std::invalid_argument("numerators must be non-negative");
+    if (numerators[i] < 0 || numerators[i] > denominator - total) {
+      throw std::invalid_argument("numerators must be non-negative and sum to the denominator");
+    }
     total += numerators[i];
   }
   if (total != denominator) throw std::invalid_argument("numerators must sum to the denominator");
 
   py::array_t<int64_t> sample_index(size);
   int64_t* sample_ptr = sample_index.mutable_data();
-  py::array result = num_sources <= 256 ? py::array(py::array_t<uint8_t>(size)) : py::array(py::array_t<int16_t>(size));
+  py::array result = num_sources <= 256 ? py::array(py::array_t<uint8_t>(size))
+                                        : py::array(py::array_t<int16_t>(size));
   void* index_ptr = result.mutable_data();
   {
     py::gil_scoped_release release;
@@ -184,6 +244,119 @@ py::tuple build_blending_indices(const py::array_t<int64_t, py::array::c_style>&
   return py::make_tuple(result, sample_index);
 }
 
+
+// Copies one sample's seq_length + 1 tokens out of the memory-mapped token file as int64. It holds
+// the index arrays once (constructed per dataset) so each fetch converts a single integer argument:
+// per-sample Python overhead is what bounds random-access loading speed.
+class SampleGatherer {
+ public:
+  SampleGatherer(py::array tokens, py::array_t<int64_t, py::array::c_style> token_starts,
+                 py::array_t<int32_t, py::array::c_style> sizes,
+                 py::array_t<int32_t, py::array::c_style> doc_idx,
+                 py::array sample_idx, int64_t seq_length)
+      : tokens_(std::move(tokens)), token_starts_(std::move(token_starts)), sizes_(std::move(sizes)),
+        doc_idx_(std::move(doc_idx)), sample_idx_(std::move(sample_idx)), seq_length_(seq_length) {
+    if (!(tokens_.flags() & py::array::c_style) || tokens_.ndim() != 1) {
+      throw std::invalid_argument("tokens must be a contiguous 1-D array");
+    }
+    if (!(sample_idx_.flags() & py::array::c_style) || sample_idx_.ndim() != 2 || sample_idx_.shape(1) != 2)
+      throw std::invalid_argument("sample_idx must be a contiguous [n, 2] array");
+    if (token_starts_.shape(0) != sizes_.shape(0)) {
+      throw std::invalid_argument("token_starts and sizes differ in length");
+    }
+    if (py::isinstance<py::array_t<int32_t>>(sample_idx_)) {
+      wide_index_ = false;
+    } else if (py::isinstance<py::array_t<int64_t>>(sample_idx_)) {
+      wide_index_ = true;
+    } else {
+      throw std::invalid_argument("sample_idx must be int32 or int64");
+    }
+    copy_ = copier_for(tokens_);
+  }
+
+  int64_t num_samples() const { return sample_idx_.shape(0) - 1; }
+
+  py::array_t<int64_t> gather(int64_t sample) const {
+    if (sample < 0 || sample >= num_samples()) throw py::index_error("sample out of range");
+    py::array_t<int64_t> result(seq_length_ + 1);
+    int64_t* out = result.mutable_data();
+    const int64_t first = index(sample, 0), first_offset = index(sample, 1);
+    const int64_t last = index(sample + 1, 0), last_offset = index(sample + 1, 1);
+    const int32_t* doc_idx = doc_idx_.data();
+    const int64_t* starts = token_starts_.data();
+    const int32_t* sizes = sizes_.data();
+    int64_t filled = 0;
+    for (int64_t pos = first; pos <= last; ++pos) {
+      const int32_t doc = doc_idx[pos];
+      if (doc < 0 || doc >= sizes_.shape(0)) throw std::out_of_range("doc_idx entry out of range");
+      const int64_t begin = starts[doc] + (pos == first ? first_offset : 0);
+      const int64_t end = pos == last ? starts[doc] + last_offset + 1 : starts[doc] + sizes[doc];
+      if (begin < 0 || end < begin || filled + (end - begin) > seq_length_ + 1 || end > tokens_.shape(0)) {
+        throw std::out_of_range("corrupt sample index");
+      }
+      copy_(tokens_.data(), begin, end - begin, out + filled);
+      filled += end - begin;
+    }
+    if (filled != seq_length_ + 1) throw std::out_of_range("corrupt sample index");
+    return result;
+  }
+
+ private:
+  using Copier = void (*)(const void*, int64_t, int64_t, int64_t*);
+
+  template <typename T>
+  static void copy_as_int64(const void* tokens, int64_t begin, int64_t count, int64_t* out) {
+    const T* src = static_cast<const T*>(tokens) + begin;
+    for (int64_t k = 0; k < count; ++k) out[k] = static_cast<int64_t>(src[k]);
+  }
+
+  static Copier copier_for(const py::array& tokens) {
+    if (py::isinstance<py::array_t<uint16_t>>(tokens)) return &copy_as_int64<uint16_t>;
+    if (py::isinstance<py::array_t<int32_t>>(tokens)) return &copy_as_int64<int32_t>;
+    if (py::isinstance<py::array_t<uint8_t>>(tokens)) return &copy_as_int64<uint8_t>;
+    if (py::isinstance<py::array_t<int8_t>>(tokens)) return &copy_as_int64<int8_t>;
+    if (py::isinstance<py::array_t<int16_t>>(tokens)) return &copy_as_int64<int16_t>;
+    if (py::isinstance<py::array_t<int64_t>>(tokens)) return &copy_as_int64<int64_t>;
+    throw std::invalid_argument("tokens must have an integer dtype");
+  }
+
+  int64_t index(int64_t row, int64_t column) const {
+    const void* base = sample_idx_.data();
+    return wide_index_ ? static_cast<const int64_t*>(base)[2 * row + column]
+                       : static_cast<const int32_t*>(base)[2 * row + column];
+  }
+
+  py::array tokens_;
+  py::array_t<int64_t, py::array::c_style> token_starts_;
+  py::array_t<int32_t, py::array::c_style> sizes_;
+  py::array_t<int32_t, py::array::c_style> doc_idx_;
+  py::array sample_idx_;
+  int64_t seq_length_;
+  bool wide_index_ = false;
+  Copier copy_ = nullptr;
+};
+
+
+// Per-position document bookkeeping for a sample's inputs: position ids restarting at 0 after each
+// end-of-document token, and segment ids counting the end-of-document tokens strictly before each
+// position (so an EOD token belongs to the document it closes). One pass instead of ~6 NumPy calls.
+py::tuple document_positions(const py::array_t<int64_t, py::array::c_style>& tokens_, int64_t eod_id) {
+  const int64_t n = tokens_.shape(0);
+  const int64_t* tokens = tokens_.data();
+  py::array_t<int64_t> positions_(n), segments_(n);
+  int64_t* positions = positions_.mutable_data();
+  int64_t* segments = segments_.mutable_data();
+  int64_t position = 0, segment = 0;
+  for (int64_t k = 0; k < n; ++k) {
+    positions[k] = position;
+    segments[k] = segment;
+    const bool eod = tokens[k] == eod_id;
+    position = eod ? 0 : position + 1;
+    segment += eod ? 1 : 0;
+  }
+  return py::make_tuple(positions_, segments_);
+}
+
 }  // namespace
 
 PYBIND11_MODULE(_helpers, m) {
@@ -191,6 +364,17 @@ PYBIND11_MODULE(_helpers, m) {
   m.def("build_sample_idx", &build_sample_idx, py::arg("sizes"), py::arg("doc_idx"), py::arg("seq_length"),
         py::arg("num_samples"), py::arg("use_int64") = false,
         "Start (doc_idx position, offset) of each seq_length+1-token sample; shape [num_samples+1, 2].");
+  py::class_<SampleGatherer>(m, "SampleGatherer")
+      .def(py::init<py::array, py::array_t<int64_t, py::array::c_style>,
+                    py::array_t<int32_t, py::array::c_style>, py::array_t<int32_t, py::array::c_style>,
+                    py::array, int64_t>(),
+           py::arg("tokens"), py::arg("token_starts"), py::arg("sizes"), py::arg("doc_idx"),
+           py::arg("sample_idx"), py::arg("seq_length"))
+      .def("gather", &SampleGatherer::gather, py::arg("sample"),
+           "The sample's seq_length + 1 tokens as a new int64 array.")
+      .def_property_readonly("num_samples", &SampleGatherer::num_samples);
+  m.def("document_positions", &document_positions, py::arg("tokens"), py::arg("eod_id"),
+        "(position_ids, segment_ids) of a token row: positions restart and segments advance after each EOD.");
   m.def("build_blending_indices", &build_blending_indices, py::arg("numerators"), py::arg("denominator"),
         py::arg("size"),
         "(dataset_index uint8|int16, dataset_sample_index int64) for a blend with integer weights "

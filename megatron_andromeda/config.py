@@ -162,6 +162,7 @@ class TrainConfig:
     threads: int | None = None  # torch intra-op threads on CPU; default: torch's own choice
     max_consecutive_skips: int = 10  # non-finite steps in a row before the run stops
     init_from: str = ""  # a checkpoint directory whose weights start the run (no optimizer state)
+    exit_interval: int = 0  # save and exit when the step is a multiple of this (time-limited jobs); 0: never
 
     def validate(self) -> None:
         _check_positive("train.steps", self.steps)
@@ -226,6 +227,43 @@ class LoggingConfig:
 
 
 @dataclass
+class StageConfig:
+    """One stage of a multi-stage run (pretrain, then fine-tune on other data, ...).
+
+    Everything not set here comes from the run's own sections; the stage's data replaces
+    `data.recipe` / `data.train` / `data.valid`.
+    """
+
+    name: str = ""
+    recipe: str = ""  # the stage's data recipe (examples/data/*.yaml) ...
+    train: list[str] = field(default_factory=list)  # ... or a blend list
+    valid: list[str] = field(default_factory=list)
+    tokens: float | None = None  # token budget: steps = ceil(tokens / (global batch x seq length))
+    steps: int | None = None  # or a step count
+    lr: float | None = None
+    min_lr: float | None = None
+    warmup_steps: int | None = None
+    lr_schedule: str = "rewarm"  # "rewarm": warm up and decay within the stage; "continue": one schedule
+    freeze: list[str] = field(default_factory=list)  # fnmatch patterns of parameter names not trained
+    init_from: str = "previous"  # "previous" (the last stage's final weights; none for the first), "none",
+    # or a checkpoint path
+    reset_attention_mask: bool | None = None  # e.g. true for packed chat data
+    reset_position_ids: bool | None = None
+
+    def validate(self, index: int) -> None:
+        where = f"stages[{index}] ({self.name or 'unnamed'})"
+        if not self.name:
+            raise ConfigError(f"{where}: every stage needs a name (it names its checkpoint and log folders)")
+        if (self.tokens is None) == (self.steps is None):
+            raise ConfigError(f"{where}: give exactly one of tokens and steps")
+        if (self.tokens is not None and self.tokens <= 0) or (self.steps is not None and self.steps <= 0):
+            raise ConfigError(f"{where}: tokens / steps must be positive")
+        if bool(self.recipe) == bool(self.train):
+            raise ConfigError(f"{where}: give exactly one of recipe and train")
+        _check_choice(f"{where}.lr_schedule", self.lr_schedule, ("rewarm", "continue"))
+
+
+@dataclass
 class RunConfig:
     model: ModelConfig = field(default_factory=ModelConfig)
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
@@ -234,10 +272,21 @@ class RunConfig:
     data: DataConfig = field(default_factory=DataConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
+    stages: list[StageConfig] = field(default_factory=list)  # empty: one stage from `data` and `train`
 
     def validate(self) -> RunConfig:
         for f in dataclasses.fields(self):
-            getattr(self, f.name).validate()
+            if f.name != "stages":
+                getattr(self, f.name).validate()
+        for i, stage in enumerate(self.stages):
+            stage.validate(i)
+        if self.stages and not self.checkpoint.save_dir:
+            raise ConfigError(
+                "a multi-stage run needs checkpoint.save_dir: each stage starts from the last one"
+            )
+        names = [stage.name for stage in self.stages]
+        if len(set(names)) != len(names):
+            raise ConfigError(f"stage names must be unique, got {names}")
         if self.data.seq_length > self.model.max_seq_length and self.model.position_embedding == "rotary":
             raise ConfigError(
                 f"data.seq_length={self.data.seq_length} exceeds "
@@ -343,6 +392,8 @@ def _coerce(value: Any, hint: Any, dotted: str) -> Any:
     if origin is list:
         if not isinstance(value, list):
             value = [value]
+        if dataclasses.is_dataclass(args[0]):
+            return [_build_dataclass(args[0], v, f"{dotted}[{i}].") for i, v in enumerate(value)]
         return [_coerce(v, args[0], f"{dotted}[{i}]") for i, v in enumerate(value)]
     if hint is bool:
         if isinstance(value, bool):

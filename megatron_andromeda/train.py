@@ -7,18 +7,24 @@ trainer. Works unchanged under `torchrun` (one process per device).
 from __future__ import annotations
 
 import argparse
+import fnmatch
+import json
 import os
 import random
 import sys
+from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from megatron_andromeda.config import ConfigError, RunConfig, load_config, save_resolved_config
+from megatron_andromeda.config import ConfigError, DataConfig, RunConfig, load_config, save_resolved_config
+from megatron_andromeda.data.builder import build_datasets, parse_blend
+from megatron_andromeda.data.recipe import resolve_data_config
 from megatron_andromeda.models import GPTModel, language_model_loss
 from megatron_andromeda.training.checkpoint import read_model_state, resolve_checkpoint
 from megatron_andromeda.training.optim import build_optimizer
+from megatron_andromeda.training.stages import plan_stages
 from megatron_andromeda.training.trainer import ParallelHooks, Trainer, TrainState
 
 
@@ -43,7 +49,20 @@ def main(argv: list[str] | None = None) -> TrainState:
 
 
 def run(cfg: RunConfig) -> TrainState:
-    """Train with a validated config; returns the final loop state."""
+    """Train with a validated config (every stage in order, for a multi-stage run)."""
+    if not cfg.stages:
+        return run_stage(cfg)
+    state = TrainState()
+    for plan in plan_stages(cfg):
+        print(f"=== stage {plan.label}: {plan.config.train.steps} steps", flush=True)
+        state = run_stage(plan.config, plan.stage.freeze, plan.lr_step_offset, plan.lr_total_steps)
+    return state
+
+
+def run_stage(
+    cfg: RunConfig, freeze: Sequence[str] = (), lr_step_offset: int = 0, lr_total_steps: int | None = None
+) -> TrainState:
+    """One training run: resumes from its own checkpoints when they exist."""
     _check_inputs(cfg)
     if cfg.train.threads:
         torch.set_num_threads(cfg.train.threads)
@@ -53,28 +72,54 @@ def run(cfg: RunConfig) -> TrainState:
     save_resolved_config(cfg, run_dir)
 
     tokenizer = _load_tokenizer(cfg)
-    train_data, valid_data = _build_data(cfg, tokenizer)
+    data_cfg = resolve_data_config(cfg.data)
+    train_data, valid_data = _build_data(cfg, data_cfg, tokenizer)
     model = build_model(cfg).to(device)
+    frozen = freeze_parameters(model, freeze)
     optimizer = build_optimizer(model, cfg.optim)
     trainer = Trainer(
-        cfg,
-        model,
-        optimizer,
-        train_data,
-        valid_data,
-        loss_fn=language_model_loss,
-        device=device,
-        run_dir=run_dir,
-        hooks=ParallelHooks(),
-    )
+        cfg, model, optimizer, train_data, valid_data,
+        loss_fn=language_model_loss, device=device, run_dir=run_dir, hooks=ParallelHooks(),
+        lr_step_offset=lr_step_offset, lr_total_steps=lr_total_steps,
+    )  # fmt: skip
     resume_from = cfg.checkpoint.load_dir or cfg.checkpoint.save_dir
     if not (resume_from and trainer.resume(resume_from)):
         trainer.logger.print(
             f"model {cfg.model.name}: {sum(p.numel() for p in model.parameters()):,} parameters"
+            + (f", {frozen:,} frozen" if frozen else "")
         )
     state = trainer.fit()
+    write_data_report(run_dir, data_cfg, train_data, state.consumed_samples, cfg.data.seq_length)
     trainer.logger.close()
     return state
+
+
+def freeze_parameters(model: torch.nn.Module, patterns: Sequence[str]) -> int:
+    """Stop training the parameters whose names match any fnmatch pattern; returns how many elements."""
+    frozen = 0
+    for name, p in model.named_parameters():
+        if any(fnmatch.fnmatch(name, pattern) for pattern in patterns):
+            p.requires_grad_(False)
+            frozen += p.numel()
+    if patterns and not frozen:
+        raise ConfigError(
+            f"freeze patterns {list(patterns)} match no parameter (names look like "
+            "'layers.0.attn.qkv_proj.weight', 'embedding.weight')"
+        )
+    return frozen
+
+
+def write_data_report(run_dir: Path, data_cfg, train_data, consumed: int, seq_length: int) -> Path:
+    """What this run trained on: samples and tokens per source, from the blend's own index."""
+    blend = parse_blend(data_cfg.train, "data.train")
+    counts = train_data.source_counts(consumed) if hasattr(train_data, "source_counts") else [consumed]
+    sources = [
+        {"dataset": prefix, "weight": weight, "samples": int(n), "tokens": int(n) * seq_length}
+        for (weight, prefix), n in zip(blend, counts)
+    ]
+    path = run_dir / "data_report.json"
+    path.write_text(json.dumps({"consumed_samples": consumed, "sources": sources}, indent=2))
+    return path
 
 
 def build_model(cfg: RunConfig) -> GPTModel:
@@ -129,13 +174,11 @@ def _load_tokenizer(cfg: RunConfig):
     return tokenizer
 
 
-def _build_data(cfg: RunConfig, tokenizer):
-    from megatron_andromeda.data.builder import build_datasets
-
+def _build_data(cfg: RunConfig, data_cfg: DataConfig, tokenizer):
     tc = cfg.train
     num_samples = (tc.steps * tc.global_batch_size, tc.eval_batches * tc.global_batch_size, 0)
     train, valid, _ = build_datasets(
-        cfg.data, tokenizer, num_samples, cfg.data.seq_length, cfg.model.vocab_size
+        data_cfg, tokenizer, num_samples, cfg.data.seq_length, cfg.model.vocab_size
     )
     if train is None:
         raise ConfigError(

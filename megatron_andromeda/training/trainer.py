@@ -81,6 +81,8 @@ class Trainer:
         run_dir: Path,
         hooks: ParallelHooks | None = None,
         logger: MetricsLogger | None = None,
+        lr_step_offset: int = 0,
+        lr_total_steps: int | None = None,
     ):
         self.cfg = cfg
         self.model = model
@@ -92,6 +94,9 @@ class Trainer:
         self.run_dir = run_dir
         self.hooks = hooks or ParallelHooks()
         self.state = TrainState()
+        # A stage that continues an earlier stage's schedule reads it at (offset + step) of total.
+        self.lr_step_offset = lr_step_offset
+        self.lr_total_steps = lr_total_steps or cfg.train.steps
         tc = cfg.train
         per_rank = tc.global_batch_size // self.hooks.dp_size
         if tc.global_batch_size % (tc.micro_batch_size * self.hooks.dp_size):
@@ -151,7 +156,7 @@ class Trainer:
 
     def train_step(self) -> dict[str, float]:
         tc, oc = self.cfg.train, self.cfg.optim
-        lr = learning_rate(self.state.step, oc, tc.steps)
+        lr = learning_rate(self.lr_step_offset + self.state.step, oc, self.lr_total_steps)
         set_learning_rate(self.optimizer, lr)
         self.model.train()
         self.optimizer.zero_grad(set_to_none=True)
@@ -265,8 +270,12 @@ class Trainer:
                 window_start, window_steps = time.perf_counter(), 0
             if tc.eval_interval and (step % tc.eval_interval == 0 or step == tc.steps):
                 self.logger.log(step, self.evaluate(), kind="valid")
-            if self._should_save(step):
+            exiting = tc.exit_interval > 0 and step % tc.exit_interval == 0 and step < tc.steps
+            if self._should_save(step) or (exiting and self.cfg.checkpoint.save_dir):
                 self.save()
+            if exiting:
+                self.logger.print(f"train.exit_interval={tc.exit_interval}: exiting at step {step}")
+                break
         return self.state
 
     def _speed_metrics(self, m: dict, elapsed: float, steps: int, run_start: float, start_step: int) -> dict:

@@ -1,0 +1,134 @@
+"""Train/valid/test datasets from a `DataConfig`: Megatron-style blend lists of dataset prefixes.
+
+A blend list is `["prefix"]`, `["0.7", "prefixA", "0.3", "prefixB"]` (weight, prefix pairs) or
+`["prefixA", "prefixB"]` (equal weights); a stage recipe (`data.recipe`, see recipe.py) expands to
+such lists. Every prefix is checked before any index is built: the
+files exist, their structure is sound, and the largest token id fits `model.vocab_size`.
+"""
+
+from __future__ import annotations
+
+import os
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+from megatron_andromeda.config import DataConfig
+from megatron_andromeda.data.blended_dataset import BlendedDataset, samples_needed
+from megatron_andromeda.data.gpt_dataset import GPTDataset
+from megatron_andromeda.data.indexed_dataset import (
+    DatasetError,
+    IndexedDataset,
+    dataset_exists,
+    validate_indexed_dataset,
+)
+from megatron_andromeda.data.recipe import resolve_data_config
+from megatron_andromeda.data.tokenizer import Tokenizer
+
+SPLITS = ("train", "valid", "test")
+
+
+def parse_blend(entries: list[str], field: str) -> list[tuple[float, str]]:
+    """(weight, prefix) pairs from a blend list; `field` names the config field in errors."""
+    if not entries:
+        return []
+    try:
+        float(entries[0])
+    except ValueError:
+        return [(1.0, prefix) for prefix in entries]  # prefixes only: equal weights
+    if len(entries) % 2:
+        raise ValueError(f"{field}: a weighted blend alternates weight, prefix; got {len(entries)} entries")
+    pairs = []
+    for weight, prefix in zip(entries[::2], entries[1::2]):
+        try:
+            value = float(weight)
+        except ValueError:
+            raise ValueError(f"{field}: {weight!r} should be a weight before prefix {prefix!r}") from None
+        if not value >= 0:
+            raise ValueError(f"{field}: weight {weight} for {prefix!r} must be >= 0")
+        pairs.append((value, prefix))
+    if sum(w for w, _ in pairs) <= 0:
+        raise ValueError(f"{field}: the weights sum to zero")
+    return pairs
+
+
+def open_checked(prefix: str, vocab_size: int, field: str) -> IndexedDataset:
+    """Open a dataset after checking it exists and that its token ids fit the model's vocabulary."""
+    if not dataset_exists(prefix):
+        raise DatasetError(
+            f"{field}: dataset {prefix!r} not found ({prefix}.bin and {prefix}.idx); "
+            "create it with tools/preprocess_data.py"
+        )
+    summary = validate_indexed_dataset(prefix, vocab_size=None, check_tokens=True)
+    if summary.max_token_id is not None and summary.max_token_id >= vocab_size:
+        raise DatasetError(
+            f"{prefix}.bin: largest token id {summary.max_token_id} does not fit model.vocab_size="
+            f"{vocab_size}; raise model.vocab_size above it or re-tokenize with the model's tokenizer"
+        )
+    return IndexedDataset(prefix)
+
+
+def build_datasets(
+    data_cfg: DataConfig,
+    tokenizer: Tokenizer,
+    num_samples: tuple[int, int, int],
+    seq_length: int,
+    vocab_size: int,
+    group: dist.ProcessGroup | None = None,
+) -> tuple[torch.utils.data.Dataset | None, ...]:
+    """(train, valid, test) datasets; a split with an empty list or zero samples is None.
+
+    `group` is the process group whose rank 0 builds index caches (default: the world). A
+    `data.recipe` is first expanded into blend lists (token budgets become weights by share).
+    """
+    data_cfg = resolve_data_config(data_cfg)
+    opened: dict[str, IndexedDataset] = {}
+    out = []
+    for split, n in zip(SPLITS, num_samples):
+        blend = parse_blend(getattr(data_cfg, split), f"data.{split}")
+        if not blend or n <= 0:
+            out.append(None)
+            continue
+        for _, prefix in blend:
+            if prefix not in opened:
+                opened[prefix] = open_checked(prefix, vocab_size, f"data.{split}")
+        out.append(_build_split(data_cfg, tokenizer, split, blend, opened, n, seq_length, group))
+    return tuple(out)
+
+
+def _build_split(
+    data_cfg: DataConfig,
+    tokenizer: Tokenizer,
+    split: str,
+    blend: list[tuple[float, str]],
+    opened: dict[str, IndexedDataset],
+    num_samples: int,
+    seq_length: int,
+    group: dist.ProcessGroup | None,
+) -> torch.utils.data.Dataset:
+    weights = [w for w, _ in blend]
+    per_source = [num_samples] if len(blend) == 1 else samples_needed(weights, num_samples).tolist()
+    sources = []
+    for (_, prefix), n in zip(blend, per_source):
+        indexed = opened[prefix]
+        cache_dir = data_cfg.cache_dir or os.path.join(
+            os.path.dirname(os.path.abspath(prefix)), "index-cache"
+        )
+        sources.append(
+            GPTDataset(
+                indexed,
+                np.arange(len(indexed), dtype=np.int32),
+                int(n),
+                seq_length,
+                data_cfg.seed,
+                eod_id=tokenizer.eod_id,
+                reset_position_ids=data_cfg.reset_position_ids,
+                reset_attention_mask=data_cfg.reset_attention_mask,
+                eod_mask_loss=data_cfg.eod_mask_loss,
+                cache_dir=cache_dir,
+                name=split,
+                group=group,
+            )
+        )
+    return sources[0] if len(sources) == 1 else BlendedDataset(sources, weights, num_samples)

@@ -1,0 +1,171 @@
+"""Stage recipes: which sources a training stage reads, with weights or token budgets.
+
+A recipe is a YAML file:
+
+    name: stage1-high-priority
+    tokens: 2.0e10                # the stage's token budget (optional; the run config may set it)
+    sources:
+      - name: c4                  # a label for reports
+        prefix: data/c4/en        # the --output-prefix given to tools/preprocess_data.py
+        weight: 0.3               # share of the stage's samples ...
+      - name: openwebtext
+        prefix: data/openwebtext/owt
+        tokens: 5.0e9             # ... or a token budget (shares are then budget / total)
+
+`tools/preprocess_data.py --output-prefix P` writes `P_train_text_document`, `P_valid_...` and
+`P_test_...`; a recipe names P, and each split of the run reads the matching files. A source may
+instead give `train:` / `valid:` / `test:` dataset prefixes explicitly (Megatron datasets made
+elsewhere). Sources are never mixed between splits.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import yaml
+
+from megatron_andromeda.config import ConfigError, DataConfig
+
+SPLIT_SUFFIX = {
+    "train": "_train_text_document",
+    "valid": "_valid_text_document",
+    "test": "_test_text_document",
+}
+
+# Sources that are (or contain) standard evaluation sets: training on them contaminates the results.
+EVALUATION_SETS = (
+    "piqa", "super_glue", "superglue", "glue", "humaneval", "openai_humaneval", "hellaswag", "arc_easy",
+    "arc_challenge", "ai2_arc", "boolq", "winogrande", "lambada", "mmlu", "triviaqa", "squad", "gsm8k",
+    "mathqa",
+)  # fmt: skip
+
+
+@dataclass
+class Source:
+    name: str
+    prefix: str = ""
+    weight: float | None = None
+    tokens: float | None = None
+    train: str = ""
+    valid: str = ""
+    test: str = ""
+
+    def dataset(self, split: str) -> str:
+        explicit = getattr(self, split)
+        if explicit:
+            return explicit
+        return f"{self.prefix}{SPLIT_SUFFIX[split]}" if self.prefix else ""
+
+    @property
+    def is_evaluation_set(self) -> bool:
+        text = f"{self.name} {self.prefix}".lower().replace("-", "_")
+        return any(name in text for name in EVALUATION_SETS)
+
+
+@dataclass
+class Recipe:
+    name: str
+    sources: list[Source]
+    tokens: float | None = None
+    description: str = ""
+    path: str = ""
+
+    def weights(self) -> list[float]:
+        """Normalised sampling shares, from weights or from token budgets."""
+        raw = [s.weight if s.weight is not None else s.tokens for s in self.sources]
+        total = sum(raw)
+        return [w / total for w in raw]
+
+    def blend(self, split: str) -> list[str]:
+        """A Megatron blend list (weight, prefix, ...) for one split; sources without that split drop out."""
+        entries: list[str] = []
+        for source, weight in zip(self.sources, self.weights()):
+            dataset = source.dataset(split)
+            if dataset and weight > 0 and (split == "train" or Path(dataset + ".idx").exists()):
+                entries += [repr(weight), dataset]
+        return entries
+
+
+def load_recipe(path: str | Path) -> Recipe:
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"data recipe {path} does not exist (examples/data/ has recipes to start from)")
+    raw = yaml.safe_load(path.read_text()) or {}
+    if not isinstance(raw, dict) or not isinstance(raw.get("sources"), list) or not raw["sources"]:
+        raise ConfigError(f"{path}: a recipe needs a non-empty `sources:` list")
+    known = {f.name for f in dataclasses.fields(Source)}
+    sources = []
+    for i, entry in enumerate(raw["sources"]):
+        where = f"{path}: sources[{i}]"
+        if not isinstance(entry, dict):
+            raise ConfigError(f"{where} must be a mapping with name, prefix and weight or tokens")
+        unknown = set(entry) - known
+        if unknown:
+            raise ConfigError(f"{where} has unknown keys {sorted(unknown)} (valid: {sorted(known)})")
+        source = Source(**{k: (float(v) if k in ("weight", "tokens") else v) for k, v in entry.items()})
+        _check_source(source, where)
+        sources.append(source)
+    kinds = {s.weight is not None for s in sources}
+    if len(kinds) > 1:
+        raise ConfigError(f"{path}: give every source a weight, or every source a token budget, not a mix")
+    extra = set(raw) - {"name", "sources", "tokens", "description"}
+    if extra:
+        raise ConfigError(f"{path}: unknown keys {sorted(extra)} (valid: name, description, tokens, sources)")
+    tokens = float(raw["tokens"]) if raw.get("tokens") is not None else None
+    return Recipe(raw.get("name", path.stem), sources, tokens, raw.get("description", ""), str(path))
+
+
+def _check_source(source: Source, where: str) -> None:
+    if not source.prefix and not source.train:
+        raise ConfigError(f"{where} ({source.name}) needs `prefix` (or an explicit `train` dataset)")
+    if (source.weight is None) == (source.tokens is None):
+        raise ConfigError(f"{where} ({source.name}) needs exactly one of `weight` and `tokens`")
+    value = source.weight if source.weight is not None else source.tokens
+    if value < 0:
+        raise ConfigError(f"{where} ({source.name}): weight/tokens must be >= 0")
+
+
+def resolve_data_config(data_cfg: DataConfig) -> DataConfig:
+    """The DataConfig with `recipe` expanded into train / valid / test blend lists."""
+    if not data_cfg.recipe:
+        return data_cfg
+    recipe = load_recipe(data_cfg.recipe)
+    return dataclasses.replace(
+        data_cfg,
+        recipe="",
+        train=recipe.blend("train"),
+        valid=data_cfg.valid or recipe.blend("valid"),
+        test=data_cfg.test or recipe.blend("test"),
+    )
+
+
+@dataclass
+class SourcePlan:
+    name: str
+    tokens_in_source: int
+    proportion: float
+    effective_tokens: float
+    is_evaluation_set: bool
+
+    @property
+    def epochs(self) -> float:
+        return self.effective_tokens / self.tokens_in_source if self.tokens_in_source else float("inf")
+
+
+@dataclass
+class StagePlan:
+    recipe: Recipe
+    budget: float
+    sources: list[SourcePlan] = field(default_factory=list)
+
+
+def plan_stage(recipe: Recipe, budget: float, tokens_in_source: list[int]) -> StagePlan:
+    """The MPT-style table: how many tokens each source contributes and how many epochs that is."""
+    plan = StagePlan(recipe, budget)
+    for source, share, available in zip(recipe.sources, recipe.weights(), tokens_in_source):
+        plan.sources.append(
+            SourcePlan(source.name, available, share, share * budget, source.is_evaluation_set)
+        )
+    return plan

@@ -1,0 +1,182 @@
+"""`python -m megatron_andromeda.train` end to end on real .bin/.idx data, and multi-stage runs."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+from megatron_andromeda.config import ConfigError, load_config
+from megatron_andromeda.data.indexed_dataset import IndexedDatasetWriter
+from megatron_andromeda.train import run
+from megatron_andromeda.training.checkpoint import read_model_state
+from megatron_andromeda.training.stages import plan_stages
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def workspace(tmp_path_factory):
+    """A tiny byte-level BPE tokenizer and three datasets with different token statistics."""
+    root = tmp_path_factory.mktemp("entry")
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=300,
+        special_tokens=["<|endoftext|>", "<|padding|>"],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    tok.train_from_iterator(["the quick brown fox jumps over the lazy dog"] * 50, trainer=trainer)
+    tok.save(str(root / "tokenizer.json"))
+    rng = np.random.default_rng(0)
+    for name, low, high in (("a", 2, 100), ("b", 100, 200), ("c", 200, 290)):
+        for split, docs in (("train", 60), ("valid", 8)):
+            with IndexedDatasetWriter(root / f"{name}_{split}_text_document", np.uint16) as writer:
+                for _ in range(docs):
+                    writer.add_document(np.append(rng.integers(low, high, rng.integers(5, 40)), 0))
+    return root
+
+
+def overrides(ws: Path, run_dir: Path, *extra: str) -> list[str]:
+    return [
+        f"data.tokenizer={ws / 'tokenizer.json'}", f"data.train=[{ws / 'a_train_text_document'}]",
+        f"data.valid=[{ws / 'a_valid_text_document'}]", "data.seq_length=16",
+        "model.vocab_size=320", "model.hidden_size=32", "model.num_layers=2", "model.num_heads=4",
+        "model.max_seq_length=16", "train.micro_batch_size=2", "train.global_batch_size=4", "train.steps=6",
+        "train.eval_interval=3", "train.eval_batches=2", "optim.warmup_steps=1", "logging.log_interval=1",
+        f"logging.run_dir={run_dir}", "logging.tensorboard=false", *extra,
+    ]  # fmt: skip
+
+
+def train_losses(run_dir: Path) -> list[float]:
+    lines = (run_dir / "metrics.jsonl").read_text().splitlines()
+    return [json.loads(line)["loss"] for line in lines if '"train"' in line]
+
+
+def test_module_entry_point_trains_and_writes_outputs(workspace, tmp_path):
+    run_dir = tmp_path / "run"
+    cmd = [
+        sys.executable,
+        "-m",
+        "megatron_andromeda.train",
+        *overrides(workspace, run_dir),
+        f"checkpoint.save_dir={tmp_path / 'ckpt'}",
+    ]
+    result = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr
+    assert "step      6/6" in result.stdout and "valid step" in result.stdout
+    assert json.loads((run_dir / "config.json").read_text())["train"]["steps"] == 6
+    assert len(train_losses(run_dir)) == 6
+    report = json.loads((run_dir / "data_report.json").read_text())
+    assert report["consumed_samples"] == 24 and report["sources"][0]["tokens"] == 24 * 16
+    config, state = read_model_state(tmp_path / "ckpt")
+    assert config.model.hidden_size == 32 and "embedding.weight" in state
+
+
+def test_bad_inputs_stop_before_training(workspace, tmp_path):
+    def error(*extra):
+        with pytest.raises(Exception) as err:
+            run(load_config(None, overrides(workspace, tmp_path, *extra)))
+        return str(err.value)
+
+    assert "data.tokenizer=/missing/tok.json does not exist" in error("data.tokenizer=/missing/tok.json")
+    assert "/missing/set" in error("data.train=[/missing/set]")
+    assert "model.vocab_size" in error("model.vocab_size=200")  # tokenizer and token ids exceed it
+    result = subprocess.run(
+        [sys.executable, "-m", "megatron_andromeda.train", "model.num_layer=2"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert result.returncode != 0 and "did you mean model.num_layers" in result.stderr
+
+
+def stage_config(ws: Path, tmp_path: Path, *extra: str):
+    stages = (
+        "stages=[{name: pretrain, train: ['" + str(ws / "a_train_text_document") + "'], steps: 4},"
+        " {name: code, train: ['0.5', '"
+        + str(ws / "b_train_text_document")
+        + "', '0.5', '"
+        + str(ws / "c_train_text_document")
+        + "'], steps: 4, lr: 0.005, warmup_steps: 2,"
+        " freeze: ['embedding.*']},"
+        " {name: chat, train: ['"
+        + str(ws / "c_train_text_document")
+        + "'], steps: 2, lr_schedule: continue}]"
+    )
+    return load_config(
+        None,
+        overrides(
+            ws,
+            tmp_path / "runs",
+            f"checkpoint.save_dir={tmp_path / 'ckpt'}",
+            "checkpoint.save_interval=2",
+            stages,
+            *extra,
+        ),
+    )
+
+
+def test_three_stage_run_chains_weights_and_schedules(workspace, tmp_path):
+    cfg = stage_config(workspace, tmp_path)
+    plans = plan_stages(cfg)
+    assert [p.label for p in plans] == ["0-pretrain", "1-code", "2-chat"]
+    assert plans[1].config.train.init_from.endswith("0-pretrain") and not plans[0].config.train.init_from
+    assert (plans[2].lr_step_offset, plans[2].lr_total_steps) == (8, 10)
+    run(cfg)
+    _, stage1 = read_model_state(tmp_path / "ckpt" / "0-pretrain")
+    _, stage2 = read_model_state(tmp_path / "ckpt" / "1-code")
+    # stage 2 started from stage 1's weights; its frozen embedding never moved
+    assert torch.equal(stage1["embedding.weight"], stage2["embedding.weight"])
+    assert not torch.equal(stage1["layers.0.attn.qkv_proj.weight"], stage2["layers.0.attn.qkv_proj.weight"])
+    lrs = [
+        json.loads(line)["lr"]
+        for line in (tmp_path / "runs/1-code/metrics.jsonl").read_text().splitlines()
+        if '"train"' in line
+    ]
+    assert lrs[0] == pytest.approx(0.0025) and lrs[1] == pytest.approx(0.005)  # re-warmed to the stage's lr
+    report = json.loads((tmp_path / "runs/1-code/data_report.json").read_text())
+    assert [s["samples"] for s in report["sources"]] == [8, 8]
+
+
+def test_resume_inside_stage_two_equals_uninterrupted(workspace, tmp_path):
+    straight = stage_config(workspace, tmp_path / "s")
+    run(straight)
+    interrupted = stage_config(workspace, tmp_path / "i")
+    plans = plan_stages(interrupted)
+    from megatron_andromeda.train import run_stage
+
+    run_stage(plans[0].config)
+    # a job that ends after step 2 of stage 2: its checkpoint at step 2 exists, nothing later
+    killed = plans[1].config
+    killed.train.exit_interval = 2
+    run_stage(killed, plans[1].stage.freeze, plans[1].lr_step_offset, plans[1].lr_total_steps)
+    assert not (tmp_path / "i/ckpt/1-code/step_00000004").exists()
+    run(interrupted)  # the same command again: stage 1 is done, stage 2 resumes at step 2
+    for label in ("1-code", "2-chat"):
+        a = train_losses(tmp_path / f"s/runs/{label}")
+        b = train_losses(tmp_path / f"i/runs/{label}")
+        assert a[-2:] == b[-2:], label
+    _, final_a = read_model_state(tmp_path / "s/ckpt/2-chat")
+    _, final_b = read_model_state(tmp_path / "i/ckpt/2-chat")
+    for name in final_a:
+        assert torch.equal(final_a[name], final_b[name]), name
+
+
+def test_stage_config_errors(workspace, tmp_path):
+    with pytest.raises(ConfigError, match="exactly one of tokens and steps"):
+        load_config(
+            None,
+            overrides(
+                workspace, tmp_path, f"checkpoint.save_dir={tmp_path}", "stages=[{name: a, train: [x]}]"
+            ),
+        )
+    with pytest.raises(ConfigError, match="needs checkpoint.save_dir"):
+        load_config(None, overrides(workspace, tmp_path, "stages=[{name: a, train: [x], steps: 1}]"))
