@@ -198,3 +198,20 @@ def test_optimizer_state_round_trips_without_pickle(tmp_path):
         for key, value in entries.items():
             assert torch.equal(back["state"][index][key], value)
     assert math.isclose(back["param_groups"][0]["lr"], original["param_groups"][0]["lr"])
+
+
+def test_mfu_arithmetic_on_a_known_configuration(tmp_path):
+    cfg = tiny_config(tmp_path, "logging.peak_flops=1.0e9")
+    trainer = make_trainer(cfg, tmp_path)
+    trainer.state.step = 1
+    metrics = trainer._speed_metrics({"loss": 1.0, "lr": 0.1, "grad_norm": 1.0}, elapsed=2.0, steps=1,
+                                     run_start=0.0, start_step=0)
+    # by hand: d=32, L=2, 4 heads of 8, 1 KV head, ffn 128, V=64, T=16, global batch 4
+    d, L, V, T = 32, 2, 64, 16
+    per_layer = d * (4 + 2) * 8 + 4 * 8 * d + 3 * d * 128 + d
+    n = L * per_layer + d + V * d
+    flops_per_token = 6 * n + 12 * L * 4 * 8 * T
+    tokens_per_s = 4 * T / 2.0
+    assert metrics["tokens_per_s"] == pytest.approx(tokens_per_s)
+    assert metrics["tflops_per_device"] == pytest.approx(tokens_per_s * flops_per_token / 1e12)
+    assert metrics["mfu"] == pytest.approx(tokens_per_s * flops_per_token / 1e9)

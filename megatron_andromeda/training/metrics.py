@@ -43,6 +43,7 @@ class MetricsLogger:
         self._jsonl = None
         self._tb = None
         self._bar = None
+        self._wandb = None
         self._start = time.time()
         if not enabled or run_dir is None:
             return
@@ -55,6 +56,8 @@ class MetricsLogger:
                 self._tb = SummaryWriter(str(run_dir / "tensorboard"))
             except ImportError:  # tensorboard is optional
                 self._tb = None
+        if cfg.wandb:
+            self._wandb = _start_wandb(cfg, run_dir)
         if cfg.progress_bar and sys.stderr.isatty():
             from tqdm import tqdm
 
@@ -75,6 +78,10 @@ class MetricsLogger:
             for key, value in metrics.items():
                 if isinstance(value, int | float) and math.isfinite(value):
                     self._tb.add_scalar(f"{kind}/{key}", value, step)
+        if self._wandb is not None:
+            self._wandb.log(
+                {f"{kind}/{k}": v for k, v in metrics.items() if isinstance(v, int | float)}, step=step
+            )
         self.print(format_line(kind, step, self.total_steps, metrics))
 
     def advance(self, steps: int = 1) -> None:
@@ -96,6 +103,22 @@ class MetricsLogger:
             self._tb.close()
         if self._jsonl is not None:
             self._jsonl.close()
+        if self._wandb is not None:
+            self._wandb.finish()
+
+
+def _start_wandb(cfg: LoggingConfig, run_dir: Path):
+    """A W&B run when the package is installed; WANDB_MODE=offline is honoured by wandb itself."""
+    try:
+        import wandb
+    except ImportError:
+        print(
+            "logging.wandb=true but wandb is not installed (pip install 'megatron_andromeda[wandb]'); "
+            "continuing without it",
+            file=sys.stderr,
+        )
+        return None
+    return wandb.init(project=cfg.wandb_project, dir=str(run_dir), name=run_dir.name)
 
 
 def format_line(kind: str, step: int, total: int, m: dict[str, Any]) -> str:
