@@ -16,7 +16,7 @@ EXTRAS = {
     "te": ["transformer-engine[pytorch]"],
     "flash": ["flash-attn>=2.5"],
     "apex": ["apex"],
-    "eval": ["lm-eval>=0.4", "sacrebleu>=2.3"],
+    "eval": ["lm-eval>=0.4", "sacrebleu>=2.3", "matplotlib"],
     "wandb": ["wandb"],
     "dev": [
         "pytest>=7",
@@ -29,6 +29,7 @@ EXTRAS = {
         "zstandard",
         "pyarrow",
         "matplotlib",
+        "lm-eval>=0.4",
     ],
 }
 

@@ -180,3 +180,21 @@ def test_stage_config_errors(workspace, tmp_path):
         )
     with pytest.raises(ConfigError, match="needs checkpoint.save_dir"):
         load_config(None, overrides(workspace, tmp_path, "stages=[{name: a, train: [x], steps: 1}]"))
+
+
+def test_chat_datasets_train_only_on_replies(workspace, tmp_path):
+    from megatron_andromeda.config import DataConfig
+    from megatron_andromeda.data.builder import build_datasets
+    from megatron_andromeda.data.tokenizer import load_tokenizer
+    from megatron_andromeda.sft.dataset import SFTDataset, SFTDatasetWriter
+
+    prefix = tmp_path / "chat"
+    with SFTDatasetWriter(prefix, vocab_size=300) as writer:
+        for n in (7, 9, 5, 11):
+            writer.add(np.arange(2, 2 + n), np.array([0] * (n // 2) + [1] * (n - n // 2), dtype=np.uint8))
+    data = DataConfig(train=[f"{prefix}_text_document"], seq_length=16)
+    train, _, _ = build_datasets(data, load_tokenizer(str(workspace / "tokenizer.json")), (6, 0, 0), 16, 320)
+    assert isinstance(train, SFTDataset)
+    sample = train[0]
+    assert set(sample) >= {"tokens", "labels", "loss_mask", "position_ids", "segment_ids"}
+    assert 0 < sample["loss_mask"].sum() < 16

@@ -25,8 +25,14 @@ from megatron_andromeda.data.indexed_dataset import (
 )
 from megatron_andromeda.data.recipe import resolve_data_config
 from megatron_andromeda.data.tokenizer import Tokenizer
+from megatron_andromeda.sft.dataset import SFTDataset, sft_prefixes
 
 SPLITS = ("train", "valid", "test")
+
+
+def is_chat_dataset(prefix: str) -> bool:
+    """Chat data (tools/preprocess_chat.py) carries a loss-mask sibling: packed, masked SFT samples."""
+    return dataset_exists(sft_prefixes(prefix)[1])
 
 
 def parse_blend(entries: list[str], field: str) -> list[tuple[float, str]]:
@@ -111,6 +117,10 @@ def _build_split(
     per_source = [num_samples] if len(blend) == 1 else samples_needed(weights, num_samples).tolist()
     sources = []
     for (_, prefix), n in zip(blend, per_source):
+        if is_chat_dataset(prefix):
+            pad_id = tokenizer.pad_id if tokenizer.pad_id is not None else tokenizer.eod_id
+            sources.append(SFTDataset(prefix, seq_length, pad_id, seed=data_cfg.seed, num_samples=int(n)))
+            continue
         indexed = opened[prefix]
         cache_dir = data_cfg.cache_dir or os.path.join(
             os.path.dirname(os.path.abspath(prefix)), "index-cache"

@@ -1,0 +1,7 @@
+"""Evaluation of checkpoints: perplexity per source and split, zero-shot multiple choice, generation
+tasks (exact match, F1, BLEU) and an lm-evaluation-harness adapter. Nothing here downloads data:
+every task is a local JSONL file."""
+
+from megatron_andromeda.evaluation.scoring import EvalModel, continuation_logprobs, load_eval_model
+
+__all__ = ["EvalModel", "continuation_logprobs", "load_eval_model"]
