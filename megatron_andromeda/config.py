@@ -227,6 +227,34 @@ class LoggingConfig:
 
 
 @dataclass
+class BackendConfig:
+    """The `backend` section: which kernels to use; `auto` takes the fastest one installed."""
+
+    attention: str = "auto"  # "auto", "sdpa" (torch's fused kernels), "flash" (flash-attn 2 or 3)
+    linear: str = "auto"  # "auto", "torch" (nn.Linear), "te" (Transformer Engine)
+    fp8: str = "none"  # "none", "delayed" or "current" scaling (needs TE and compute capability >= 8.9)
+    rotary: str = "auto"  # "auto", "torch", "flash" (flash-attn's Triton kernel)
+    cross_entropy: str = "auto"  # "auto", "torch", "flash" (flash-attn's Triton kernel, z-loss fused)
+    compile: bool = False  # torch.compile each transformer block
+
+    def validate(self) -> None:
+        for name, choices in (
+            ("attention", ("auto", "sdpa", "flash")),
+            ("linear", ("auto", "torch", "te")),
+            ("fp8", ("none", "delayed", "current")),
+            ("rotary", ("auto", "torch", "flash")),
+            ("cross_entropy", ("auto", "torch", "flash")),
+        ):
+            value = getattr(self, name)
+            if value not in choices:
+                raise ConfigError(f"backend.{name}={value!r} is not one of {', '.join(choices)}")
+        if self.fp8 != "none" and self.linear == "torch":
+            raise ConfigError(
+                f"backend.fp8={self.fp8} runs through Transformer Engine: set backend.linear=te or auto"
+            )
+
+
+@dataclass
 class StageConfig:
     """One stage of a multi-stage run (pretrain, then fine-tune on other data, ...).
 
@@ -272,6 +300,7 @@ class RunConfig:
     data: DataConfig = field(default_factory=DataConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
+    backend: BackendConfig = field(default_factory=BackendConfig)
     stages: list[StageConfig] = field(default_factory=list)  # empty: one stage from `data` and `train`
 
     def validate(self) -> RunConfig:

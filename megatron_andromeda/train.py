@@ -18,10 +18,11 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from megatron_andromeda.backends import apply_backends, fp8_context, loss_function, select_backends
 from megatron_andromeda.config import ConfigError, DataConfig, RunConfig, load_config, save_resolved_config
 from megatron_andromeda.data.builder import build_datasets, parse_blend
 from megatron_andromeda.data.recipe import resolve_data_config
-from megatron_andromeda.models import GPTModel, language_model_loss
+from megatron_andromeda.models import GPTModel
 from megatron_andromeda.training.checkpoint import read_model_state, resolve_checkpoint
 from megatron_andromeda.training.optim import build_optimizer
 from megatron_andromeda.training.stages import plan_stages
@@ -75,13 +76,18 @@ def run_stage(
     data_cfg = resolve_data_config(cfg.data)
     train_data, valid_data = _build_data(cfg, data_cfg, tokenizer)
     model = build_model(cfg).to(device)
+    backends = select_backends(cfg.backend, device, precision=cfg.train.precision,
+                               tensor_parallel=cfg.parallel.tensor)  # fmt: skip
+    apply_backends(model, backends)  # new modules: before the optimizer sees the parameters
     frozen = freeze_parameters(model, freeze)
     optimizer = build_optimizer(model, cfg.optim)
     trainer = Trainer(
         cfg, model, optimizer, train_data, valid_data,
-        loss_fn=language_model_loss, device=device, run_dir=run_dir, hooks=ParallelHooks(),
+        loss_fn=loss_function(backends), device=device, run_dir=run_dir, hooks=ParallelHooks(),
         lr_step_offset=lr_step_offset, lr_total_steps=lr_total_steps,
+        step_context=lambda: fp8_context(backends),
     )  # fmt: skip
+    trainer.logger.print(f"backends: {backends.describe()}")
     resume_from = cfg.checkpoint.load_dir or cfg.checkpoint.save_dir
     if not (resume_from and trainer.resume(resume_from)):
         trainer.logger.print(

@@ -54,23 +54,36 @@ class CoreAttention(nn.Module):
         self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, inputs: AttentionInputs
     ) -> torch.Tensor:
         # q: (B, H, Tq, hd); k, v: (B, kvH, Tk, hd)
-        if k.shape[1] != q.shape[1]:
-            # Multi-query / grouped: expand is a view; SDPA's CPU kernels want dense heads.
+        gqa = k.shape[1] != q.shape[1]
+        if gqa and not _sdpa_shares_kv(q, inputs):
             groups = q.shape[1] // k.shape[1]
-            k = k.repeat_interleave(groups, dim=1) if groups > 1 else k
-            v = v.repeat_interleave(groups, dim=1) if groups > 1 else v
+            k, v = k.repeat_interleave(groups, dim=1), v.repeat_interleave(groups, dim=1)
+            gqa = False
         dropout = self.dropout if self.training else 0.0
         if inputs.bias is not None:
-            return F.scaled_dot_product_attention(
-                q, k, v, attn_mask=inputs.bias.to(q.dtype), dropout_p=dropout
-            )
-        if inputs.mask is not None:
-            return F.scaled_dot_product_attention(q, k, v, attn_mask=inputs.mask, dropout_p=dropout)
-        return F.scaled_dot_product_attention(q, k, v, is_causal=inputs.is_causal, dropout_p=dropout)
+            mask, causal = inputs.bias.to(q.dtype), False
+        else:
+            mask, causal = inputs.mask, inputs.mask is None and inputs.is_causal
+        return F.scaled_dot_product_attention(
+            q, k, v, attn_mask=mask, is_causal=causal, dropout_p=dropout, enable_gqa=gqa
+        )
+
+
+def _sdpa_shares_kv(q: torch.Tensor, inputs: AttentionInputs) -> bool:
+    """Whether SDPA's `enable_gqa` is the fast way to serve several query heads per KV head.
+
+    It reads each KV head in place instead of copying it per query head (and summing the copies'
+    gradients back): faster on CPU in every path. On CUDA only the plain causal path keeps a fused
+    kernel with it; with a mask or bias SDPA would fall back to its slow math kernel.
+    """
+    return q.device.type == "cpu" or (inputs.mask is None and inputs.bias is None)
 
 
 class Attention(nn.Module):
     """Fused q/k/v projection (rows: all q heads, then k heads, then v heads), rotary, core, output."""
+
+    # The rotation kernel; megatron_andromeda.backends may put a fused one here.
+    rotary_fn = staticmethod(apply_rotary)
 
     def __init__(self, cfg: ModelConfig):
         super().__init__()
@@ -96,8 +109,8 @@ class Attention(nn.Module):
         v = v.view(B, T, self.num_kv_heads, hd)
         if inputs.rotary is not None:
             cos, sin = inputs.rotary
-            q = apply_rotary(q, cos, sin, self.rotary_interleaved)
-            k = apply_rotary(k, cos, sin, self.rotary_interleaved)
+            q = self.rotary_fn(q, cos, sin, self.rotary_interleaved)
+            k = self.rotary_fn(k, cos, sin, self.rotary_interleaved)
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # (B, H, T, hd)
         if cache is not None:
             k, v = cache.update(layer, k, v)

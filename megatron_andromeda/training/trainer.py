@@ -8,6 +8,7 @@ process uses the defaults.
 
 from __future__ import annotations
 
+import contextlib
 import math
 import resource
 import time
@@ -83,6 +84,7 @@ class Trainer:
         logger: MetricsLogger | None = None,
         lr_step_offset: int = 0,
         lr_total_steps: int | None = None,
+        step_context: Callable[[], contextlib.AbstractContextManager] = contextlib.nullcontext,
     ):
         self.cfg = cfg
         self.model = model
@@ -94,6 +96,7 @@ class Trainer:
         self.run_dir = run_dir
         self.hooks = hooks or ParallelHooks()
         self.state = TrainState()
+        self.step_context = step_context  # e.g. FP8 autocast around the forward pass
         # A stage that continues an earlier stage's schedule reads it at (offset + step) of total.
         self.lr_step_offset = lr_step_offset
         self.lr_total_steps = lr_total_steps or cfg.train.steps
@@ -142,7 +145,7 @@ class Trainer:
         """
         batch = next(data_iterator)
         position_ids = batch.get("position_ids") if self.cfg.data.reset_position_ids else None
-        with self._autocast():
+        with self._autocast(), self.step_context():
             output = model(batch["tokens"], position_ids=position_ids, segment_ids=batch.get("segment_ids"))
 
         def loss_fn(logits: torch.Tensor):

@@ -1,0 +1,303 @@
+"""Training throughput of andromeda-100m / 500m / 1b on one GPU, for every backend variant at hand.
+
+A timed step is what the trainer does for one micro-batch: zero_grad, forward under bf16 autocast
+(and FP8 autocast for the FP8 rows), `loss_function(choice)`, backward, AdamW step
+(`training.optim.build_optimizer`), on random tokens. Variants (rows) per model:
+
+    bf16-sdpa          the reference: plain modules, torch's SDPA (its flash / cuDNN kernels)
+    bf16-sdpa-compile  + torch.compile of each block
+    bf16-flash         flash-attn 2 / 3, fused rotary and cross-entropy where installed
+    bf16-te            Transformer Engine linear layers in BF16
+    fp8-delayed        TE linear layers in FP8, delayed scaling
+    fp8-current        TE linear layers in FP8, current scaling
+    best               every backend on auto, plus compile
+
+Rows whose libraries are missing are listed as skipped, with the reason. Each row reports
+tokens/s, TFLOP/s (PaLM's 6N + 12LHQT per token, models/accounting.py), MFU against the device's
+dense BF16 peak (training/metrics.py; FP8 rows too, by convention), and peak memory; ratios are
+against bf16-sdpa measured in the same run. Targets checked at the end: andromeda-1b bf16 MFU >= 45%,
+fp8 >= 1.3x the bf16 tokens/s.
+
+    python benchmarks/gpu_throughput.py                                # all models, all variants
+    python benchmarks/gpu_throughput.py --models andromeda-1b --variants bf16-sdpa,fp8-delayed
+    python benchmarks/gpu_throughput.py --smoke                        # tiny model on the CPU, 2 steps
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import os
+import platform
+import sys
+import time
+from dataclasses import asdict, dataclass, replace
+
+import torch
+
+from megatron_andromeda.backends import (
+    BackendChoice,
+    BackendConfig,
+    apply_backends,
+    fp8_context,
+    loss_function,
+    probe_environment,
+    select_backends,
+)
+from megatron_andromeda.config import ConfigError, ModelConfig, OptimConfig
+from megatron_andromeda.models import GPTModel
+from megatron_andromeda.models.accounting import training_flops_per_token
+from megatron_andromeda.presets import get_preset
+from megatron_andromeda.training.metrics import peak_flops_for
+from megatron_andromeda.training.optim import build_optimizer
+
+PLAIN = dict(attention="sdpa", linear="torch", rotary="torch", cross_entropy="torch")
+VARIANTS: dict[str, tuple[str, BackendConfig]] = {
+    "bf16-sdpa": ("bf16", BackendConfig(**PLAIN)),
+    "bf16-sdpa-compile": ("bf16", BackendConfig(**PLAIN, compile=True)),
+    "bf16-flash": ("bf16", BackendConfig(attention="flash", linear="torch")),
+    "bf16-te": ("bf16", BackendConfig(attention="sdpa", linear="te")),
+    "fp8-delayed": ("bf16", BackendConfig(linear="te", fp8="delayed")),
+    "fp8-current": ("bf16", BackendConfig(linear="te", fp8="current")),
+    "best": ("bf16", BackendConfig(compile=True)),
+}
+REFERENCE = "bf16-sdpa"
+MODELS = {"andromeda-100m": 16, "andromeda-500m": 8, "andromeda-1b": 8}  # default micro-batch at seq 2048
+SMOKE_MODEL = ModelConfig(
+    name="smoke",
+    vocab_size=256,
+    hidden_size=64,
+    num_layers=2,
+    num_heads=4,
+    head_dim=16,
+    num_kv_heads=1,
+    max_seq_length=64,
+)
+
+
+@dataclass
+class Row:
+    model: str
+    variant: str
+    status: str = "ok"  # "ok", "skipped: why", "failed: why"
+    backends: str = ""
+    micro_batch: int = 0
+    seq_length: int = 0
+    step_ms: float = 0.0
+    tokens_per_s: float = 0.0
+    tflops: float = 0.0
+    mfu: float | None = None
+    peak_memory_gib: float = 0.0
+    vs_reference: float | None = None
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--models", default=",".join(MODELS), help="comma-separated presets")
+    p.add_argument("--variants", default=",".join(VARIANTS), help=f"comma-separated: {', '.join(VARIANTS)}")
+    p.add_argument("--seq-length", type=int, default=2048)
+    p.add_argument("--micro-batch", type=int, help="default: 16 / 8 / 8 for 100m / 500m / 1b")
+    p.add_argument("--warmup", type=int, default=3, help="untimed steps (compilation happens here)")
+    p.add_argument("--steps", type=int, default=10, help="timed steps")
+    p.add_argument(
+        "--peak-tflops", type=float, help="dense bf16 peak when the built-in table lacks the device"
+    )
+    p.add_argument("--json", metavar="PATH", help="also write the rows as JSON")
+    p.add_argument(
+        "--smoke", action="store_true", help="tiny model on CPU, 2 steps, no compile: checks the script"
+    )
+    args = p.parse_args(argv)
+    unknown = set(args.variants.split(",")) - set(VARIANTS)
+    if unknown:
+        p.error(f"unknown --variants {', '.join(sorted(unknown))}; known: {', '.join(VARIANTS)}")
+    if args.smoke:
+        args.models, args.seq_length, args.micro_batch, args.warmup, args.steps = "smoke", 32, 2, 1, 2
+        args.variants = ",".join(v for v in args.variants.split(",") if "compile" not in v and v != "best")
+    elif not torch.cuda.is_available():
+        p.error("no CUDA device: run on a GPU, or use --smoke to check the script on CPU")
+    return args
+
+
+def measure_model(cfg: ModelConfig, args: argparse.Namespace, device: torch.device) -> list[Row]:
+    """One row per variant; a variant whose backends resolve like an earlier one's is not re-run."""
+    rows, seen = [], {}
+    for variant in args.variants.split(","):
+        precision, backend_cfg = VARIANTS[variant]
+        mbs = args.micro_batch or MODELS.get(cfg.name, 8)
+        row = Row(cfg.name, variant, micro_batch=mbs, seq_length=args.seq_length)
+        rows.append(row)
+        try:
+            choice = select_backends(backend_cfg, device, precision=precision)
+        except ConfigError as err:
+            row.status = f"skipped: {err}"
+            continue
+        row.backends = choice.describe()
+        if choice in seen:
+            row.status = f"skipped: same backends as {seen[choice]}"
+            continue
+        seen[choice] = variant
+        try:
+            _fill(row, cfg, _time_training_steps(cfg, choice, mbs, args, device), args, device)
+        except torch.cuda.OutOfMemoryError:
+            row.status = f"failed: out of memory at micro-batch {mbs}"
+        finally:
+            _release(device, compiled=choice.compile)
+        speed = f" {row.tokens_per_s:,.0f} tok/s" if row.status == "ok" else ""
+        print(f"{row.model} {row.variant}: {row.status}{speed}", flush=True)
+    ref = next((r for r in rows if r.variant == REFERENCE and r.status == "ok"), None)
+    for r in rows:
+        if ref is not None and r.status == "ok":
+            r.vs_reference = r.tokens_per_s / ref.tokens_per_s
+    return rows
+
+
+def _time_training_steps(
+    cfg: ModelConfig, choice: BackendChoice, mbs: int, args: argparse.Namespace, device: torch.device
+) -> float:
+    """Seconds per training step, after the warm-up steps."""
+    torch.manual_seed(0)
+    model = apply_backends(GPTModel(cfg).to(device), choice)
+    optimizer = build_optimizer(model, OptimConfig())
+    loss_fn = loss_function(choice)
+    tokens = torch.randint(0, cfg.vocab_size, (mbs, args.seq_length + 1), device=device)
+    x, y = tokens[:, :-1], tokens[:, 1:]
+
+    def step() -> None:
+        optimizer.zero_grad(set_to_none=True)
+        with torch.autocast(device.type, dtype=torch.bfloat16), fp8_context(choice):
+            logits = model(x)
+        loss, _ = loss_fn(logits, y, None, z_loss=cfg.z_loss)
+        loss.backward()
+        optimizer.step()
+
+    for _ in range(args.warmup):
+        step()
+    _sync(device)
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    start = time.perf_counter()
+    for _ in range(args.steps):
+        step()
+    _sync(device)
+    return (time.perf_counter() - start) / args.steps
+
+
+def _fill(row: Row, cfg: ModelConfig, step_s: float, args: argparse.Namespace, device: torch.device) -> Row:
+    row.step_ms = 1e3 * step_s
+    row.tokens_per_s = row.micro_batch * row.seq_length / step_s
+    flops = row.tokens_per_s * training_flops_per_token(cfg, row.seq_length)
+    row.tflops = flops / 1e12
+    peak = args.peak_tflops * 1e12 if args.peak_tflops else None
+    if peak is None and device.type == "cuda":
+        peak = peak_flops_for(torch.cuda.get_device_name(device))
+    row.mfu = flops / peak if peak else None
+    if device.type == "cuda":
+        row.peak_memory_gib = torch.cuda.max_memory_allocated(device) / 2**30
+    return row
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _release(device: torch.device, compiled: bool) -> None:
+    gc.collect()
+    if compiled:
+        torch._dynamo.reset()  # compiled graphs hold the model's tensors
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+
+
+def format_table(rows: list[Row]) -> str:
+    lines = [
+        f"{'model':<16} {'variant':<18} {'mbs':>4} {'step ms':>9} {'tokens/s':>11} {'TFLOP/s':>8} "
+        f"{'MFU':>6} {'mem GiB':>8} {'vs ref':>7}"
+    ]
+    for r in rows:
+        if r.status != "ok":
+            lines.append(f"{r.model:<16} {r.variant:<18} {r.status}")
+            continue
+        mfu = f"{100 * r.mfu:5.1f}%" if r.mfu is not None else "     -"
+        ratio = f"{r.vs_reference:6.2f}x" if r.vs_reference is not None else "      -"
+        lines.append(
+            f"{r.model:<16} {r.variant:<18} {r.micro_batch:>4} {r.step_ms:>9.1f} {r.tokens_per_s:>11,.0f} "
+            f"{r.tflops:>8.1f} {mfu} {r.peak_memory_gib:>8.2f} {ratio}"
+        )
+    return "\n".join(lines)
+
+
+def target_lines(rows: list[Row]) -> list[str]:
+    """The issue's targets for andromeda-1b, where the rows exist."""
+    by = {(r.model, r.variant): r for r in rows if r.status == "ok"}
+    out = []
+    bf16 = by.get(("andromeda-1b", REFERENCE))
+    best_bf16 = max(
+        (r for (m, v), r in by.items() if m == "andromeda-1b" and v.startswith(("bf16", "best"))),
+        key=lambda r: r.tokens_per_s,
+        default=None,
+    )
+    if best_bf16 is not None and best_bf16.mfu is not None:
+        verdict = "met" if best_bf16.mfu >= 0.45 else "NOT met"
+        out.append(
+            f"target andromeda-1b BF16 MFU >= 45%: {100 * best_bf16.mfu:.1f}% ({best_bf16.variant}) {verdict}"
+        )
+    for variant in ("fp8-delayed", "fp8-current"):
+        fp8 = by.get(("andromeda-1b", variant))
+        if fp8 is not None and bf16 is not None:
+            ratio = fp8.tokens_per_s / bf16.tokens_per_s
+            out.append(
+                f"target andromeda-1b {variant} >= 1.3x BF16 tokens/s: {ratio:.2f}x "
+                f"{'met' if ratio >= 1.3 else 'NOT met'}"
+            )
+    if not any("fp8" in line for line in out):
+        out.append("target FP8 >= 1.3x BF16: not measured (no FP8 row ran; see the skipped rows)")
+    return out
+
+
+def environment(device: torch.device) -> dict:
+    env = probe_environment(device)
+    info = {
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "device": str(device),
+        "libraries": {k: v for k, v in asdict(env).items() if isinstance(v, dict)},
+    }
+    if device.type == "cuda":
+        info |= {"device_name": torch.cuda.get_device_name(device), "capability": list(env.capability)}
+    return info
+
+
+def main(argv: list[str] | None = None) -> list[Row]:
+    args = parse_args(argv)
+    device = torch.device("cpu") if args.smoke else torch.device("cuda", 0)
+    if device.type == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = True
+    rows = []
+    for name in args.models.split(","):
+        cfg = SMOKE_MODEL if name == "smoke" else get_preset(name)
+        cfg = replace(cfg, max_seq_length=max(cfg.max_seq_length, args.seq_length))
+        rows += measure_model(cfg, args, device)
+    print()
+    print(format_table(rows))
+    print()
+    for line in target_lines(rows):
+        print(line)
+    if args.json:
+        payload = {
+            "environment": environment(device),
+            "args": vars(args),
+            "rows": [asdict(r) for r in rows],
+            "targets": target_lines(rows),
+        }
+        tmp = f"{args.json}.tmp"
+        with open(tmp, "w") as f:
+            json.dump(payload, f, indent=2)
+        os.replace(tmp, args.json)
+    return rows
+
+
+if __name__ == "__main__":
+    main()
+    sys.exit(0)

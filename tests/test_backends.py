@@ -1,0 +1,541 @@
+"""Backend selection and the swapped modules.
+
+On CPU the optional libraries are replaced by fake modules in `sys.modules` whose kernels compute
+the reference math and record their calls, so the code paths that import and call them really run;
+`None` in `sys.modules` makes an installed library look missing. GPU tests (marked) compare each
+real kernel with the plain path within bf16 tolerance.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import enum
+import math
+import sys
+import types
+from dataclasses import dataclass
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from megatron_andromeda import backends
+from megatron_andromeda.backends import (
+    BackendChoice,
+    BackendConfig,
+    Environment,
+    FlashCoreAttention,
+    Library,
+    apply_backends,
+    fp8_context,
+    loss_function,
+    probe_environment,
+    select_backends,
+)
+from megatron_andromeda.config import ConfigError, ModelConfig
+from megatron_andromeda.models import GPTModel, language_model_loss
+from megatron_andromeda.models.attention import Attention, CoreAttention
+from megatron_andromeda.models.rotary import apply_rotary
+
+CPU = torch.device("cpu")
+CUDA = torch.device("cuda", 0)
+HAVE = Library("9.9", "")
+_SHAPE = dict(vocab_size=96, hidden_size=64, num_layers=2, num_heads=4, head_dim=16, num_kv_heads=1)
+TINY = ModelConfig(**_SHAPE, ffn_hidden_size=96, max_seq_length=32)
+
+
+def gpu_env(**kw) -> Environment:
+    base = dict(device_type="cuda", capability=(9, 0))
+    return Environment(**{**base, **kw})
+
+
+def build(cfg: ModelConfig = TINY, seed: int = 0) -> GPTModel:
+    torch.manual_seed(seed)
+    return GPTModel(cfg)
+
+
+def tokens(cfg: ModelConfig = TINY, batch: int = 2, seq: int = 16) -> torch.Tensor:
+    return torch.randint(0, cfg.vocab_size, (batch, seq), generator=torch.Generator().manual_seed(1))
+
+
+# --------------------------------------------------------------------------------------------- selection
+def test_cpu_defaults_fall_back_with_reasons():
+    choice = select_backends(BackendConfig(), CPU, env=Environment())
+    assert (choice.attention, choice.linear, choice.fp8) == ("sdpa", "torch", "none")
+    assert (choice.rotary, choice.cross_entropy, choice.compile) == ("torch", "torch", False)
+    line = choice.describe()
+    assert "attention=sdpa (no CUDA device; torch picks its CPU kernels)" in line
+    assert "linear=torch (transformer-engine not installed)" in line
+    assert "compile=off" in line
+
+
+def test_gpu_without_flash_says_so():
+    choice = select_backends(BackendConfig(), CUDA, env=gpu_env())
+    assert choice.attention == "sdpa"
+    assert choice.reasons["attention"] == "flash-attn not installed; torch picks its flash / cuDNN kernels"
+
+
+@pytest.mark.parametrize(
+    ("capability", "fa2", "fa3", "expected"),
+    [
+        ((9, 0), True, True, "flash3"),
+        ((9, 0), False, True, "flash3"),
+        ((9, 0), True, False, "flash2"),
+        ((8, 0), True, True, "flash2"),  # flash-attn 3 is Hopper-only
+        ((8, 0), False, True, "sdpa"),
+        ((7, 5), True, False, "sdpa"),  # pre-Ampere
+    ],
+)
+def test_attention_picks_the_newest_usable_flash(capability, fa2, fa3, expected):
+    env = gpu_env(
+        capability=capability, flash_attn=HAVE if fa2 else Library(), flash_attn_3=HAVE if fa3 else Library()
+    )
+    assert select_backends(BackendConfig(), CUDA, env=env).attention == expected
+
+
+def test_flash_needs_half_precision():
+    choice = select_backends(BackendConfig(), CUDA, precision="fp32", env=gpu_env(flash_attn=HAVE))
+    assert choice.attention == "sdpa" and "train.precision=fp32" in choice.reasons["attention"]
+    with pytest.raises(ConfigError, match="backend.attention=flash cannot run: train.precision=fp32"):
+        select_backends(
+            BackendConfig(attention="flash"), CUDA, precision="fp32", env=gpu_env(flash_attn=HAVE)
+        )
+
+
+def test_explicit_flash_without_flash_is_an_error():
+    with pytest.raises(ConfigError, match="backend.attention=flash cannot run: flash-attn not installed"):
+        select_backends(BackendConfig(attention="flash"), CUDA, env=gpu_env())
+
+
+def test_te_auto_and_explicit():
+    env = gpu_env(transformer_engine=HAVE)
+    choice = select_backends(BackendConfig(), CUDA, env=env)
+    assert choice.linear == "te" and choice.fp8 == "none"
+    assert select_backends(BackendConfig(linear="torch"), CUDA, env=env).linear == "torch"
+    tp = select_backends(BackendConfig(), CUDA, env=env, tensor_parallel=2)
+    assert tp.linear == "torch" and "parallel.tensor > 1" in tp.reasons["linear"]
+    with pytest.raises(ConfigError, match="backend.linear=te needs Transformer Engine.*not installed"):
+        select_backends(BackendConfig(linear="te"), CUDA, env=gpu_env())
+
+
+@pytest.mark.parametrize("fp8", ["delayed", "current"])
+def test_fp8_without_te_is_an_error_not_a_fallback(fp8):
+    with pytest.raises(ConfigError, match=f"backend.fp8={fp8} needs Transformer Engine"):
+        select_backends(BackendConfig(fp8=fp8), CUDA, env=gpu_env())
+    with pytest.raises(ConfigError, match=f"backend.fp8={fp8} needs Transformer Engine.*no CUDA device"):
+        select_backends(BackendConfig(fp8=fp8), CPU, env=Environment(transformer_engine=HAVE))
+
+
+def test_fp8_needs_capability_8_9():
+    env = gpu_env(capability=(8, 0), transformer_engine=HAVE, te_current_scaling=True)
+    with pytest.raises(ConfigError, match=r"compute capability >= 8.9.*this GPU is 8.0"):
+        select_backends(BackendConfig(fp8="delayed"), CUDA, env=env)
+    ada = select_backends(
+        BackendConfig(fp8="delayed"), CUDA, env=gpu_env(capability=(8, 9), transformer_engine=HAVE)
+    )
+    assert (ada.linear, ada.fp8) == ("te", "delayed")
+
+
+def test_fp8_recipes_and_config_checks():
+    old_te = gpu_env(transformer_engine=HAVE, te_current_scaling=False)
+    with pytest.raises(ConfigError, match="no Float8CurrentScaling recipe"):
+        select_backends(BackendConfig(fp8="current"), CUDA, env=old_te)
+    new_te = gpu_env(transformer_engine=HAVE, te_current_scaling=True)
+    assert select_backends(BackendConfig(fp8="current"), CUDA, env=new_te).fp8 == "current"
+    with pytest.raises(ConfigError, match="backend.fp8=delayed runs through Transformer Engine"):
+        select_backends(BackendConfig(fp8="delayed", linear="torch"), CUDA, env=new_te)
+    with pytest.raises(ConfigError, match="backend.attention='fast' is not one of auto, sdpa, flash"):
+        BackendConfig(attention="fast").validate()
+
+
+def test_rotary_and_cross_entropy_selection():
+    env = gpu_env(flash_rotary=HAVE, flash_cross_entropy=HAVE, rotary_hook=False)
+    choice = select_backends(BackendConfig(), CUDA, env=env)
+    assert choice.cross_entropy == "flash"
+    assert choice.rotary == "torch" and "no rotary_fn hook" in choice.reasons["rotary"]
+    assert (
+        select_backends(BackendConfig(), CUDA, env=gpu_env(flash_rotary=HAVE, rotary_hook=True)).rotary
+        == "flash"
+    )
+    with pytest.raises(ConfigError, match="backend.cross_entropy=flash cannot run: no CUDA device"):
+        select_backends(BackendConfig(cross_entropy="flash"), CPU, env=Environment(flash_cross_entropy=HAVE))
+
+
+# --------------------------------------------------------------------------------------------- probing
+class _BrokenFinder:
+    """Import hook that makes `flash_attn` fail like a wheel built for another CUDA version."""
+
+    def find_spec(self, name, path=None, target=None):
+        if name == "flash_attn":
+            raise OSError("libcudart.so.12: cannot open shared object file")
+        return None
+
+
+def test_probe_reports_missing_present_and_broken(monkeypatch):
+    monkeypatch.setitem(sys.modules, "flash_attn", None)  # None: import raises ImportError
+    monkeypatch.setitem(sys.modules, "transformer_engine.pytorch", None)
+    env = probe_environment(CPU)
+    assert env.flash_attn == Library(None, "not installed") and not env.transformer_engine.ok
+    assert env.rotary_hook == hasattr(Attention, "rotary_fn")
+
+    fake = types.ModuleType("flash_attn")
+    fake.__version__ = "2.7.4"
+    monkeypatch.setitem(sys.modules, "flash_attn", fake)
+    assert probe_environment(CPU).flash_attn == Library("2.7.4", "")
+
+    monkeypatch.delitem(sys.modules, "flash_attn")
+    monkeypatch.setattr(sys, "meta_path", [_BrokenFinder(), *sys.meta_path])
+    broken = probe_environment(CPU).flash_attn
+    assert not broken.ok and broken.problem.startswith("import failed: OSError: libcudart")
+
+
+# --------------------------------------------------------------------------------------------- fakes
+def reference_attention(q, k, v, causal):
+    """Attention on (B, T, H, hd) tensors, computed in fp32 the textbook way."""
+    groups = q.shape[2] // k.shape[2]
+    k, v = k.repeat_interleave(groups, dim=2).float(), v.repeat_interleave(groups, dim=2).float()
+    scores = torch.einsum("bqhd,bkhd->bhqk", q.float(), k) / math.sqrt(q.shape[-1])
+    if causal:
+        T = q.shape[1]
+        scores = scores.masked_fill(torch.ones(T, T, dtype=torch.bool).triu(1), float("-inf"))
+    return torch.einsum("bhqk,bkhd->bqhd", scores.softmax(-1), v).to(q.dtype)
+
+
+@pytest.fixture
+def fake_flash(monkeypatch):
+    """flash_attn with a recording flash_attn_func, a rotary kernel and a cross-entropy kernel."""
+    calls: list[dict] = []
+    root = types.ModuleType("flash_attn")
+    root.__version__ = "2.7.4"
+
+    def flash_attn_func(q, k, v, dropout_p=0.0, causal=False):
+        calls.append(
+            {"q": tuple(q.shape), "k": tuple(k.shape), "causal": causal, "contiguous": q.is_contiguous()}
+        )
+        return reference_attention(q, k, v, causal)
+
+    def apply_rotary_emb(x, cos, sin, interleaved=False):
+        calls.append({"rotary": tuple(cos.shape), "interleaved": interleaved})
+        d = cos.shape[-1]
+        cos, sin = cos[:, None, :], sin[:, None, :]  # (T, 1, d/2) over (B, T, H, d/2)
+        x1, x2 = (x[..., 0::2], x[..., 1::2]) if interleaved else (x[..., :d], x[..., d:])
+        r1, r2 = x1 * cos - x2 * sin, x1 * sin + x2 * cos
+        return torch.stack((r1, r2), -1).flatten(-2) if interleaved else torch.cat((r1, r2), -1)
+
+    def cross_entropy_loss(logits, labels, lse_square_scale=0.0):
+        calls.append({"ce": tuple(logits.shape), "dtype": logits.dtype})
+        lse = torch.logsumexp(logits.float(), dim=-1)
+        z = lse_square_scale * lse.square()
+        return lse - logits.float().gather(1, labels[:, None])[:, 0] + z, z.detach()
+
+    root.flash_attn_func = flash_attn_func
+    rotary = types.ModuleType("flash_attn.layers.rotary")
+    rotary.apply_rotary_emb = apply_rotary_emb
+    ce = types.ModuleType("flash_attn.ops.triton.cross_entropy")
+    ce.cross_entropy_loss = cross_entropy_loss
+    for name, module in (
+        ("flash_attn", root),
+        ("flash_attn.layers.rotary", rotary),
+        ("flash_attn.ops.triton.cross_entropy", ce),
+    ):
+        monkeypatch.setitem(sys.modules, name, module)
+    monkeypatch.setattr(backends, "KERNEL_DEVICES", ("cuda", "cpu"))  # let the kernels see CPU tensors
+    return calls
+
+
+@pytest.fixture
+def fake_te(monkeypatch):
+    """transformer_engine with a recording Linear and fp8_autocast."""
+    log: dict[str, list] = {"linear": [], "autocast": []}
+
+    class Linear(nn.Module):
+        def __init__(self, in_features, out_features, bias=True, params_dtype=None, device=None):
+            super().__init__()
+            log["linear"].append((in_features, out_features, bias, params_dtype, torch.device(device)))
+            self.weight = nn.Parameter(
+                torch.empty(out_features, in_features, dtype=params_dtype, device=device)
+            )
+
+        def forward(self, x):
+            return F.linear(x, self.weight)
+
+    @contextlib.contextmanager
+    def fp8_autocast(enabled=False, fp8_recipe=None, fp8_group=None):
+        log["autocast"].append((enabled, fp8_recipe, fp8_group))
+        yield
+
+    class Format(enum.Enum):
+        E4M3 = "e4m3"
+        HYBRID = "hybrid"
+
+    @dataclass
+    class DelayedScaling:
+        fp8_format: Format
+        amax_history_len: int
+        amax_compute_algo: str
+
+    @dataclass
+    class Float8CurrentScaling:
+        fp8_format: Format
+
+    root, pytorch_mod = types.ModuleType("transformer_engine"), types.ModuleType("transformer_engine.pytorch")
+    root.__version__ = "2.4.0"
+    pytorch_mod.Linear, pytorch_mod.fp8_autocast = Linear, fp8_autocast
+    recipe = types.ModuleType("transformer_engine.common.recipe")
+    recipe.Format, recipe.DelayedScaling, recipe.Float8CurrentScaling = (
+        Format,
+        DelayedScaling,
+        Float8CurrentScaling,
+    )
+    for name, module in (
+        ("transformer_engine", root),
+        ("transformer_engine.pytorch", pytorch_mod),
+        ("transformer_engine.common.recipe", recipe),
+    ):
+        monkeypatch.setitem(sys.modules, name, module)
+    return log
+
+
+# --------------------------------------------------------------------------------------------- swaps
+def test_probe_sees_the_fakes(fake_flash, fake_te):
+    env = probe_environment(CPU)
+    assert env.flash_attn.version == "2.7.4" and env.flash_rotary.ok and env.flash_cross_entropy.ok
+    assert env.transformer_engine.version == "2.4.0" and env.te_current_scaling
+
+
+def test_flash_attention_swap_matches_sdpa(fake_flash):
+    model, x = build(), tokens()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        expected = model(x).float()
+    choice = select_backends(BackendConfig(), CUDA, env=gpu_env(flash_attn=Library("2.7.4", "")))
+    assert choice.attention == "flash2"
+    names = [n for n, _ in model.named_parameters()]
+    hook_calls = []  # parallel/ hooks the core (tensor-parallel RNG stream): the swap must keep them
+    for module in model.modules():
+        if isinstance(module, CoreAttention):
+            module.register_forward_pre_hook(lambda mod, args: hook_calls.append(type(mod)))
+    apply_backends(model, choice)
+    cores = [m for m in model.modules() if isinstance(m, CoreAttention)]
+    assert len(cores) == TINY.num_layers and all(type(m) is FlashCoreAttention for m in cores)
+    assert [n for n, _ in model.named_parameters()] == names
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        got = model(x).float()
+    assert len(fake_flash) == TINY.num_layers and hook_calls == [FlashCoreAttention] * TINY.num_layers
+    # (B, T, H, hd) layout with the single KV head not repeated, causal, no copies made.
+    assert fake_flash[0] == {"q": (2, 16, 4, 16), "k": (2, 16, 1, 16), "causal": True, "contiguous": True}
+    torch.testing.assert_close(got, expected, atol=3e-2, rtol=3e-2)  # bf16 rounding of the probabilities
+
+
+def test_flash_attention_falls_back_to_sdpa(fake_flash):
+    """Masks (packed documents) and fp32 take the parent's SDPA path: bitwise the original model."""
+    model, x = build(), tokens()
+    segments = torch.tensor([[0] * 8 + [1] * 8, [0] * 16])
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        packed = model(x, segment_ids=segments)
+    plain = model(x)
+    apply_backends(model, BackendChoice(attention="flash2"))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert torch.equal(model(x, segment_ids=segments), packed)
+    assert torch.equal(model(x), plain)
+    assert fake_flash == []  # the kernel was never called: the fallback really ran
+
+
+def test_te_linear_swap_keeps_names_and_logits(fake_te):
+    model, x = build(), tokens()
+    expected = model(x)
+    state = model.state_dict()
+    choice = select_backends(BackendConfig(fp8="delayed"), CUDA, env=gpu_env(transformer_engine=HAVE))
+    apply_backends(model, choice)
+    assert len(fake_te["linear"]) == 4 * TINY.num_layers  # qkv, o, gate_up, down; never the head
+    assert all(entry[2] is False and entry[3] == torch.float32 for entry in fake_te["linear"])
+    assert type(model.layers["0"].attn.qkv_proj).__module__ == __name__
+    assert model.state_dict().keys() == state.keys()
+    assert torch.equal(model(x), expected)
+
+    with fp8_context(choice, group="dp-group"):
+        pass
+    ((enabled, recipe, group),) = fake_te["autocast"]
+    assert enabled and group == "dp-group"
+    assert (recipe.fp8_format.name, recipe.amax_history_len, recipe.amax_compute_algo) == (
+        "HYBRID",
+        16,
+        "max",
+    )
+    with fp8_context(BackendChoice(linear="te", fp8="current")):
+        pass
+    assert type(fake_te["autocast"][-1][1]).__name__ == "Float8CurrentScaling"
+    assert isinstance(fp8_context(BackendChoice()), contextlib.nullcontext)
+
+
+def test_fp8_checks_layer_shapes(fake_te):
+    odd = ModelConfig(
+        vocab_size=64, hidden_size=40, num_layers=1, num_heads=2, head_dim=20, ffn_hidden_size=60
+    )
+    with pytest.raises(ConfigError, match="divisible by 16, a linear layer is 40 -> 80"):
+        apply_backends(build(odd), BackendChoice(linear="te", fp8="delayed"))
+    apply_backends(build(odd), BackendChoice(linear="te"))  # BF16 TE has no such limit
+
+
+def test_fused_cross_entropy_matches_plain(fake_flash):
+    torch.manual_seed(0)
+    logits = torch.randn(2, 8, 96, requires_grad=True)
+    labels = torch.randint(0, 96, (2, 8))
+    mask = (torch.rand(2, 8) > 0.3).float()
+    fused = loss_function(BackendChoice(cross_entropy="flash"))
+    assert loss_function(BackendChoice()) is language_model_loss
+    total, parts = fused(logits, labels, mask, z_loss=1e-2)
+    (grad,) = torch.autograd.grad(total, logits)
+    ref_total, ref_parts = language_model_loss(logits, labels, mask, z_loss=1e-2)
+    (ref_grad,) = torch.autograd.grad(ref_total, logits)
+    assert fake_flash == [{"ce": (16, 96), "dtype": torch.float32}]
+    torch.testing.assert_close(total, ref_total)
+    torch.testing.assert_close(parts["lm_loss"], ref_parts["lm_loss"])
+    torch.testing.assert_close(parts["z_loss"], ref_parts["z_loss"])
+    torch.testing.assert_close(grad, ref_grad)
+
+
+@pytest.mark.parametrize("interleaved", [True, False])
+def test_fused_rotary_matches_torch(fake_flash, interleaved):
+    from megatron_andromeda.models.rotary import RotaryEmbedding
+
+    rope = RotaryEmbedding(16, 32, interleaved=interleaved)
+    x = torch.randn(2, 12, 3, 16)
+    cos, sin = rope(None, 12)  # (T, 1, d/2)
+    fused = backends.flash_rotary_fn()
+    torch.testing.assert_close(fused(x, cos, sin, interleaved), apply_rotary(x, cos, sin, interleaved))
+    assert fake_flash == [{"rotary": (12, 8), "interleaved": interleaved}]
+    per_sample = rope(torch.arange(12).repeat(2, 1), 12)  # (B, T, 1, d/2): the torch path
+    torch.testing.assert_close(fused(x, *per_sample, interleaved), apply_rotary(x, *per_sample, interleaved))
+    assert len(fake_flash) == 1
+
+
+def test_rotary_swap_sets_the_hook(fake_flash):
+    model = apply_backends(build(), BackendChoice(rotary="flash"))
+    hooks = {m.rotary_fn.__qualname__ for m in model.modules() if isinstance(m, Attention)}
+    assert hooks == {"flash_rotary_fn.<locals>.fused"}
+
+
+def test_fused_rotary_runs_inside_the_model(fake_flash):
+    model, x = build(), tokens()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        expected = model(x).float()
+        got = apply_backends(model, BackendChoice(rotary="flash"))(x).float()
+    assert [c["rotary"] for c in fake_flash] == [(16, 8)] * (2 * TINY.num_layers)  # q and k of each layer
+    torch.testing.assert_close(got, expected, atol=3e-2, rtol=3e-2)
+
+
+def test_compile_each_block_keeps_names_and_logits():
+    model, x = build(), tokens()
+    expected, names = model(x), list(model.state_dict())
+    apply_backends(model, BackendChoice(compile=True), compile_backend="eager")  # inductor: see the GPU test
+    assert all(block._compiled_call_impl is not None for block in model.layers.values())
+    assert list(model.state_dict()) == names
+    torch.testing.assert_close(model(x), expected)
+
+
+def test_plain_choice_changes_nothing():
+    model, x = build(), tokens()
+    before = [type(m) for m in model.modules()]
+    expected = model(x)
+    apply_backends(model, select_backends(BackendConfig(), CPU, env=Environment()))
+    assert [type(m) for m in model.modules()] == before
+    assert torch.equal(model(x), expected)
+
+
+# --------------------------------------------------------------------------------------------- GPU
+needs_gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+GPU_MODEL = ModelConfig(**{**_SHAPE, "vocab_size": 4096, "hidden_size": 512, "num_heads": 8, "head_dim": 64})
+
+
+def _bf16_errors(choice: BackendChoice, compile_backend: str = "inductor") -> tuple[float, float]:
+    """Max logit error vs fp32 of the plain bf16 path and of the backend's bf16 path."""
+    torch.manual_seed(0)
+    model = GPTModel(GPU_MODEL).cuda()
+    x = torch.randint(0, GPU_MODEL.vocab_size, (4, 512), device="cuda")
+    with torch.no_grad():
+        reference = model(x).float()
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            plain = model(x).float()
+        apply_backends(model, choice, compile_backend=compile_backend)
+        with torch.autocast("cuda", dtype=torch.bfloat16), fp8_context(choice):
+            fused = model(x).float()
+    return (plain - reference).abs().max().item(), (fused - reference).abs().max().item()
+
+
+def _require(env_ok: bool, what: str) -> None:
+    if not env_ok:
+        pytest.skip(f"{what} is not installed on this GPU machine")
+
+
+@pytest.mark.gpu
+@needs_gpu
+@pytest.mark.parametrize("name", ["flash", "te", "compile"])
+def test_gpu_backend_matches_plain_within_bf16(name):
+    env = probe_environment(CUDA)
+    if name == "flash":
+        _require(env.flash_attn.ok or env.flash_attn_3.ok, "flash-attn")
+        choice = select_backends(BackendConfig(attention="flash", linear="torch"), CUDA, env=env)
+    elif name == "te":
+        _require(env.transformer_engine.ok, "Transformer Engine")
+        choice = BackendChoice(linear="te")
+    else:
+        choice = BackendChoice(compile=True)
+    plain_err, fused_err = _bf16_errors(choice)
+    assert fused_err <= 2 * plain_err + 1e-2, (plain_err, fused_err)
+
+
+@pytest.mark.gpu
+@needs_gpu
+def test_gpu_fp8_stays_close():
+    env = probe_environment(CUDA)
+    _require(env.transformer_engine.ok, "Transformer Engine")
+    if env.capability < (8, 9):
+        pytest.skip("FP8 needs compute capability >= 8.9")
+    plain_err, fp8_err = _bf16_errors(BackendChoice(linear="te", fp8="delayed"))
+    assert fp8_err <= 8 * plain_err + 5e-2, (plain_err, fp8_err)  # FP8 (E4M3) has 3 mantissa bits
+
+
+@pytest.mark.gpu
+@needs_gpu
+def test_gpu_fused_cross_entropy_matches():
+    _require(probe_environment(CUDA).flash_cross_entropy.ok, "flash-attn's cross-entropy")
+    logits = torch.randn(4096, 50304, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+    labels = torch.randint(0, 50304, (4096,), device="cuda")
+    fused, _ = loss_function(BackendChoice(cross_entropy="flash"))(logits, labels, z_loss=1e-4)
+    plain, _ = language_model_loss(logits, labels, z_loss=1e-4)
+    torch.testing.assert_close(fused, plain, atol=1e-3, rtol=1e-3)
+
+
+@pytest.mark.gpu
+@needs_gpu
+def test_gpu_probe_matches_the_device():
+    env = probe_environment(CUDA)
+    assert env.capability == torch.cuda.get_device_capability(0)
+    choice = select_backends(BackendConfig(), CUDA, env=env)
+    assert choice.attention in ("sdpa", "flash2", "flash3") and choice.describe().startswith("attention=")
+
+
+# --------------------------------------------------------------------------------------------- benchmark
+def test_gpu_throughput_smoke_runs_on_cpu(tmp_path, capsys, monkeypatch):
+    """The GPU benchmark's --smoke mode: tiny model, real steps, the table and the JSON."""
+    import importlib.util
+    import json
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "gpu_throughput.py"
+    spec = importlib.util.spec_from_file_location("gpu_throughput", path)
+    bench = importlib.util.module_from_spec(spec)
+    monkeypatch.setitem(sys.modules, "gpu_throughput", bench)  # its dataclasses look their module up
+    spec.loader.exec_module(bench)
+    out = tmp_path / "throughput.json"
+    rows = bench.main(["--smoke", "--json", str(out)])
+    ran = [r for r in rows if r.status == "ok"]
+    assert [r.variant for r in ran] == ["bf16-sdpa"]
+    assert ran[0].tokens_per_s > 0 and ran[0].vs_reference == 1.0 and ran[0].mfu is None
+    skipped = {r.variant: r.status for r in rows if r.status != "ok"}
+    assert skipped["bf16-flash"].startswith("skipped: backend.attention=flash cannot run: no CUDA device")
+    assert "Transformer Engine" in skipped["fp8-delayed"]
+    payload = json.loads(out.read_text())
+    assert len(payload["rows"]) == len(rows) and payload["environment"]["device"] == "cpu"
+    assert "smoke            bf16-sdpa" in capsys.readouterr().out

@@ -1,0 +1,304 @@
+"""The planner's estimates against measured tensors, its recommendations, and tools/plan_parallel.py.
+
+Memory figures are checked against what a real model holds: parameter, gradient and AdamW state
+bytes after one real optimizer step, per-rank parameters of a tensor-parallel model sharded by
+parallel/ (on torch's fake process-group backend), and the activations autograd saves in a
+forward pass (counted by storage with saved-tensor hooks).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import importlib.util
+from pathlib import Path
+
+import pytest
+import torch
+import torch.distributed as dist
+
+from megatron_andromeda.config import (
+    ConfigError,
+    ModelConfig,
+    OptimConfig,
+    ParallelConfig,
+    RunConfig,
+    TrainConfig,
+    load_config,
+)
+from megatron_andromeda.models import GPTModel, language_model_loss
+from megatron_andromeda.parallel import ParallelContext, RankLayout, parallelize_model, validate_layout
+from megatron_andromeda.parallel.hooks import build_parallel_training
+from megatron_andromeda.parallel.mixed_precision import cast_parameters
+from megatron_andromeda.planner import (
+    GIB,
+    Cluster,
+    Layout,
+    Precision,
+    evaluate,
+    layer_activation_bytes,
+    memory_estimate,
+    recommend,
+    stage_parameters,
+)
+from megatron_andromeda.presets import get_preset
+from megatron_andromeda.training.optim import build_optimizer
+
+ROOT = Path(__file__).resolve().parents[1]
+BASE = dict(
+    vocab_size=160,
+    hidden_size=56,
+    num_layers=1,
+    num_heads=4,
+    head_dim=12,
+    num_kv_heads=1,
+    ffn_hidden_size=80,
+    max_seq_length=64,
+)
+VARIANTS = {
+    "palm-mqa": {},
+    "mha": {"num_kv_heads": 4},
+    "sequential-gelu-untied": {"block": "sequential", "activation": "gelu", "tie_embeddings": False},
+    "no-z-loss": {"z_loss": 0.0},
+}
+
+
+def load_tool():
+    spec = importlib.util.spec_from_file_location("plan_parallel", ROOT / "tools" / "plan_parallel.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def tensor_bytes(tensors) -> int:
+    return sum(t.numel() * t.element_size() for t in tensors)
+
+
+# --------------------------------------------------------------------------------------------- model state
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_model_state_equals_a_real_step(variant):
+    cfg = ModelConfig(**{**BASE, **VARIANTS[variant]})
+    torch.manual_seed(0)
+    model = GPTModel(cfg)
+    optimizer = build_optimizer(model, OptimConfig())
+    x = torch.randint(0, cfg.vocab_size, (2, 16))
+    loss, _ = language_model_loss(model(x), x, z_loss=cfg.z_loss)
+    loss.backward()
+    optimizer.step()
+    adam = [s[k] for s in optimizer.state.values() for k in ("exp_avg", "exp_avg_sq")]
+    assert len(adam) == 2 * len(list(model.parameters()))
+
+    single = Precision.for_training("bf16", parallel=False)  # fp32 weights, torch AdamW, autocast
+    est = memory_estimate(cfg, Layout(micro_batch_size=2), seq_length=16, global_batch=2, precision=single)
+    assert est.weights == tensor_bytes(model.parameters())
+    assert est.gradients == tensor_bytes(p.grad for p in model.parameters())
+    assert est.optimizer == tensor_bytes(adam)
+
+
+@pytest.mark.parametrize(("dp", "sharded"), [(1, False), (4, False), (4, True)])
+def test_model_state_equals_the_parallel_optimizer(dp, sharded):
+    """bf16 weights, fp32 main-gradient buffer, fp32 masters and AdamW moments (ZeRO-1 shards the
+    last two); the buffer pads each bucket to a multiple of 64 x dp elements."""
+    cfg = ModelConfig(**BASE)
+    run = RunConfig(
+        model=cfg,
+        parallel=ParallelConfig(data=dp, distributed_optimizer=sharded),
+        train=TrainConfig(precision="bf16", micro_batch_size=1, global_batch_size=dp),
+    )
+    dist.init_process_group("fake", store=_fake_store(), rank=0, world_size=dp)
+    try:
+        model = GPTModel(cfg)
+        training = build_parallel_training(ParallelContext.build(RankLayout(1, 1, dp)), model, run)
+        training.optimizer.step()  # AdamW creates its moments
+        held = training.optimizer.state_bytes()
+        layout = Layout(data=dp, distributed_optimizer=sharded)
+        est = memory_estimate(
+            cfg, layout, seq_length=16, global_batch=dp, precision=Precision.for_training("bf16")
+        )
+        padding = 64 * dp * len(training.grad_buffer.layout.buckets)  # elements, at most
+        assert est.weights == tensor_bytes(model.parameters())
+        assert 0 <= training.grad_buffer.data.nbytes - est.gradients < 4 * padding
+        assert abs(sum(held.values()) - est.optimizer) < 12 * padding
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.parametrize("tp", [2, 4])
+def test_tensor_parallel_rank_parameters_equal_the_sharded_model(tp):
+    cfg = ModelConfig(**{**BASE, "num_layers": 2, "hidden_size": 64, "head_dim": 16, "ffn_hidden_size": 96})
+    dist.init_process_group("fake", store=_fake_store(), rank=tp - 1, world_size=tp)
+    try:
+        ctx = ParallelContext.build(RankLayout(tp, 1, 1))
+        model = parallelize_model(GPTModel(cfg), ctx, ParallelConfig(tensor=tp))
+        assert stage_parameters(cfg, Layout(tensor=tp)) == sum(p.numel() for p in model.parameters())
+    finally:
+        dist.destroy_process_group()
+
+
+def test_pipeline_stage_parameters_equal_the_stage_models():
+    cfg = ModelConfig(**{**BASE, "num_layers": 4})
+    first = GPTModel(cfg, layer_ids=range(2), post_process=False)
+    last = GPTModel(cfg, layer_ids=range(2, 4), pre_process=False)  # holds its own copy of the tied head
+    counts = [sum(p.numel() for p in m.parameters()) for m in (first, last)]
+    assert stage_parameters(cfg, Layout(pipeline=2)) == max(counts)
+
+
+def _fake_store():
+    from torch.testing._internal.distributed.fake_pg import FakeStore
+
+    return FakeStore()
+
+
+# --------------------------------------------------------------------------------------------- activations
+def saved_activation_bytes(
+    model: GPTModel, x: torch.Tensor, labels: torch.Tensor, autocast: bool, device_type: str = "cpu"
+) -> int:
+    """Bytes of the distinct storages autograd saves for backward (weights and buffers excluded)."""
+    own = {t.untyped_storage().data_ptr() for t in (*model.parameters(), *model.buffers())}
+    seen: dict[int, int] = {}
+
+    def pack(t: torch.Tensor) -> torch.Tensor:
+        if t.dim() > 0:  # the loss's scalar denominators are not activations
+            seen[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+        return t
+
+    context = torch.autocast(device_type, dtype=torch.bfloat16) if autocast else contextlib.nullcontext()
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        with context:
+            logits = model(x)
+        language_model_loss(logits, labels, z_loss=model.cfg.z_loss)
+    return sum(n for ptr, n in seen.items() if ptr not in own)
+
+
+SCHEMES = {  # (weights cast to bf16, autocast, the planner's precision on CPU)
+    "fp32": (False, False, Precision.for_training("fp32")),
+    "bf16-single-process": (False, True, Precision.for_training("bf16", parallel=False)),
+    # CPU autocast keeps LayerNorm in bf16; CUDA's runs it in fp32 (test_gpu_activations below).
+    "bf16-parallel": (True, True, dataclasses.replace(Precision.for_training("bf16"), fp32_norms=False)),
+}
+
+
+@pytest.mark.parametrize("scheme", SCHEMES)
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_activations_equal_saved_tensors(variant, scheme):
+    cast, autocast, precision = SCHEMES[scheme]
+    cfg = ModelConfig(**{**BASE, **VARIANTS[variant]})
+    torch.manual_seed(0)
+    model = GPTModel(cfg)
+    if cast:
+        cast_parameters(model, torch.bfloat16)
+    x, labels = torch.randint(0, cfg.vocab_size, (2, 2, 32))
+    measured = saved_activation_bytes(model, x, labels, autocast=autocast)
+    layout = Layout(micro_batch_size=2)
+    est = memory_estimate(cfg, layout, seq_length=32, global_batch=2, precision=precision)
+    assert est.activations == measured
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_gpu_activations_equal_saved_tensors():
+    """The parallel trainer's bf16 scheme as CUDA runs it (LayerNorm in fp32, SDPA's fused kernels)."""
+    cfg = ModelConfig(**{**BASE, "hidden_size": 256, "head_dim": 64, "ffn_hidden_size": 512})
+    torch.manual_seed(0)
+    model = cast_parameters(GPTModel(cfg).cuda(), torch.bfloat16)
+    x, labels = torch.randint(0, cfg.vocab_size, (2, 2, 64), device="cuda")
+    measured = saved_activation_bytes(model, x, labels, autocast=True, device_type="cuda")
+    est = memory_estimate(cfg, Layout(micro_batch_size=2), seq_length=64, global_batch=2)
+    assert abs(est.activations - measured) <= 0.01 * measured, (est.activations, measured)
+
+
+def test_recomputation_and_sequence_parallel_shrink_activations():
+    cfg, precision = get_preset("andromeda-1b"), Precision()
+    sizes = {
+        r: layer_activation_bytes(cfg, 2048, 4, Layout(micro_batch_size=4, recompute=r), precision)
+        for r in ("none", "selective", "full")
+    }
+    assert sizes["full"] < sizes["selective"] < sizes["none"]
+    assert sizes["full"] == 2048 * 4 * cfg.hidden_size * precision.weights  # the layer input only
+    tp = Layout(tensor=2, micro_batch_size=4)
+    sp = Layout(tensor=2, micro_batch_size=4, sequence_parallel=True)
+    assert layer_activation_bytes(cfg, 2048, 4, sp, precision) < layer_activation_bytes(
+        cfg, 2048, 4, tp, precision
+    )
+
+
+def test_pipeline_first_stage_holds_pp_micro_batches():
+    cfg = get_preset("andromeda-1b")
+    one = memory_estimate(
+        cfg, Layout(pipeline=2, data=4, micro_batch_size=1), seq_length=2048, global_batch=64
+    )
+    two = memory_estimate(
+        cfg, Layout(pipeline=4, data=2, micro_batch_size=1), seq_length=2048, global_batch=64
+    )
+    # 1F1B: pp micro-batches of L/pp layers each, so about the same activations at any depth.
+    assert abs(one.activations - two.activations) / one.activations < 0.05
+
+
+# --------------------------------------------------------------------------------------------- search
+def test_recommendations_are_valid_and_sorted():
+    cfg, cluster = get_preset("andromeda-1b"), Cluster(nodes=2)
+    plans = recommend(cfg, cluster, seq_length=2048, global_batch=1024, top=5)
+    assert [p.time.total for p in plans] == sorted(p.time.total for p in plans)
+    for plan in plans:
+        lay = plan.layout
+        assert plan.fits and lay.world_size == 16 and 1024 % (lay.micro_batch_size * lay.data) == 0
+        parallel = ParallelConfig(
+            tensor=lay.tensor, pipeline=lay.pipeline, data=lay.data, sequence_parallel=lay.sequence_parallel
+        )
+        validate_layout(parallel, cfg, 16, 2048)
+
+
+def test_small_gpus_need_model_parallelism():
+    cfg, small = get_preset("andromeda-1b"), Cluster(memory_gib=12, peak_tflops=125)
+    pure_dp = evaluate(
+        cfg,
+        Layout(data=8, micro_batch_size=1, distributed_optimizer=True),
+        small,
+        seq_length=2048,
+        global_batch=1024,
+    )
+    assert not pure_dp.fits and pure_dp.memory.total > 12 * GIB * small.usable_fraction
+    best = recommend(cfg, small, seq_length=2048, global_batch=1024, top=1)[0]
+    assert best.layout.tensor * best.layout.pipeline > 1
+    with pytest.raises(ConfigError, match="no layout of 8 GPUs x 2 GiB fits"):
+        recommend(cfg, Cluster(memory_gib=2), seq_length=2048, global_batch=1024)
+
+
+# --------------------------------------------------------------------------------------------- the tool
+def test_dry_run_of_64_ranks_builds_every_group():
+    tool = load_tool()
+    layout = Layout(tensor=2, pipeline=4, data=8, micro_batch_size=4, sequence_parallel=True)
+    groups = tool.dry_run(layout, get_preset("andromeda-1b"), 2048)
+    assert groups == {
+        "tp_group": (32, 2),
+        "dp_group": (8, 8),
+        "pp_group": (16, 4),
+        "embedding_group": (16, 2),
+        "mp_group": (8, 8),
+    }
+    assert not dist.is_initialized()
+    with pytest.raises(ConfigError, match="num_heads=16 is not divisible by parallel.tensor=3"):
+        tool.dry_run(Layout(tensor=3, pipeline=1, data=1), get_preset("andromeda-1b"), 2048)
+
+
+def test_cli_search_json_and_overrides(tmp_path, capsys):
+    tool = load_tool()
+    out = tmp_path / "plans.json"
+    config = str(ROOT / "examples" / "configs" / "andromeda_500m.yaml")
+    assert tool.main(["--config", config, "--nodes", "2", "--top", "3", "--json", str(out), "--dry-run"]) == 0
+    text = capsys.readouterr().out
+    assert "dry run: 16 ranks, every group built and checked" in text
+    assert len(__import__("json").loads(out.read_text())) == 3
+
+    assert tool.main(["--config", config, "--nodes", "2", "--print-overrides"]) == 0
+    overrides = capsys.readouterr().out.split()
+    run = load_config(config, overrides)  # the printed overrides are valid config keys
+    validate_layout(run.parallel, run.model, 16, run.data.seq_length)
+
+
+def test_cli_rejects_impossible_layouts(capsys):
+    tool = load_tool()
+    with pytest.raises(SystemExit, match="tensor 3 does not divide the heads"):
+        tool.main(["--model", "andromeda-1b", "--nodes", "1", "--gpus-per-node", "3", "--layout", "3,1"])
+    with pytest.raises(SystemExit, match=r"--layout 2,2,3: 2 x 2 x 3 != 8 GPUs"):
+        tool.main(["--model", "andromeda-1b", "--layout", "2,2,3"])
