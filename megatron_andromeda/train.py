@@ -9,20 +9,28 @@ from __future__ import annotations
 import argparse
 import fnmatch
 import json
-import os
 import random
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from megatron_andromeda.backends import apply_backends, fp8_context, loss_function, select_backends
+from megatron_andromeda.backends import (
+    BackendChoice,
+    apply_backends,
+    fp8_context,
+    loss_function,
+    select_backends,
+)
 from megatron_andromeda.config import ConfigError, DataConfig, RunConfig, load_config, save_resolved_config
 from megatron_andromeda.data.builder import build_datasets, parse_blend
 from megatron_andromeda.data.recipe import resolve_data_config
 from megatron_andromeda.models import GPTModel
+from megatron_andromeda.parallel import ParallelContext, init_parallel, make_loss_fn, parallelize_model
+from megatron_andromeda.parallel.hooks import build_parallel_training
 from megatron_andromeda.training.checkpoint import read_model_state, resolve_checkpoint
 from megatron_andromeda.training.optim import build_optimizer
 from megatron_andromeda.training.stages import plan_stages
@@ -51,53 +59,95 @@ def main(argv: list[str] | None = None) -> TrainState:
 
 def run(cfg: RunConfig) -> TrainState:
     """Train with a validated config (every stage in order, for a multi-stage run)."""
-    if not cfg.stages:
-        return run_stage(cfg)
-    state = TrainState()
-    for plan in plan_stages(cfg):
-        print(f"=== stage {plan.label}: {plan.config.train.steps} steps", flush=True)
-        state = run_stage(plan.config, plan.stage.freeze, plan.lr_step_offset, plan.lr_total_steps)
-    return state
+    ctx = init_parallel(cfg)  # validates the layout before any process group exists
+    try:
+        if not cfg.stages:
+            return run_stage(cfg, ctx)
+        state = TrainState()
+        for plan in plan_stages(cfg):
+            if ctx.rank == 0:
+                print(f"=== stage {plan.label}: {plan.config.train.steps} steps", flush=True)
+            state = run_stage(plan.config, ctx, plan.stage.freeze, plan.lr_step_offset, plan.lr_total_steps)
+        return state
+    finally:
+        ctx.close()
 
 
 def run_stage(
-    cfg: RunConfig, freeze: Sequence[str] = (), lr_step_offset: int = 0, lr_total_steps: int | None = None
+    cfg: RunConfig,
+    ctx: ParallelContext,
+    freeze: Sequence[str] = (),
+    lr_step_offset: int = 0,
+    lr_total_steps: int | None = None,
 ) -> TrainState:
     """One training run: resumes from its own checkpoints when they exist."""
     _check_inputs(cfg)
     if cfg.train.threads:
         torch.set_num_threads(cfg.train.threads)
-    device = _select_device(cfg.train.device)
     seed_everything(cfg.train.seed)
     run_dir = Path(cfg.logging.run_dir)
-    save_resolved_config(cfg, run_dir)
+    if ctx.rank == 0:
+        save_resolved_config(cfg, run_dir)
 
     tokenizer = _load_tokenizer(cfg)
     data_cfg = resolve_data_config(cfg.data)
     train_data, valid_data = _build_data(cfg, data_cfg, tokenizer)
-    model = build_model(cfg).to(device)
-    backends = select_backends(cfg.backend, device, precision=cfg.train.precision,
+    parts = build_training(cfg, ctx, tokenizer.vocab_size, freeze)
+    trainer = Trainer(
+        cfg, parts.model, parts.optimizer, train_data, valid_data,
+        loss_fn=parts.loss_fn, device=ctx.device, run_dir=run_dir, hooks=parts.hooks,
+        lr_step_offset=lr_step_offset, lr_total_steps=lr_total_steps,
+        step_context=lambda: fp8_context(parts.backends),
+    )  # fmt: skip
+    trainer.logger.print(f"backends: {parts.backends.describe()}")
+    resume_from = cfg.checkpoint.load_dir or cfg.checkpoint.save_dir
+    if not (resume_from and trainer.resume(resume_from)):
+        total = sum(p.numel() for p in parts.model.parameters())
+        trainer.logger.print(f"model {cfg.model.name}: {total:,} parameters on this rank"
+                             + (f", {parts.frozen:,} frozen" if parts.frozen else ""))  # fmt: skip
+    state = trainer.fit()
+    if ctx.rank == 0:
+        write_data_report(run_dir, data_cfg, train_data, state.consumed_samples, cfg.data.seq_length)
+    trainer.logger.close()
+    return state
+
+
+@dataclass
+class TrainingParts:
+    model: torch.nn.Module
+    optimizer: torch.optim.Optimizer
+    hooks: ParallelHooks
+    loss_fn: Callable
+    backends: BackendChoice
+    frozen: int
+
+
+def build_training(cfg: RunConfig, ctx: ParallelContext, real_vocab_size: int, freeze: Sequence[str] = ()):
+    """Model (sharded for this rank), kernels, optimizer, loss and loop hooks.
+
+    One process keeps plain fp32 parameters under torch's AdamW (autocast for bf16); several
+    processes go through parallel/: tensor sharding, bucketed gradient reduction overlapped with
+    backward, the replicated or ZeRO-1 optimizer with fp32 master weights.
+    """
+    model = build_model(cfg)
+    if ctx.distributed:
+        model = parallelize_model(model, ctx, cfg.parallel)
+    model = model.to(ctx.device)
+    backends = select_backends(cfg.backend, ctx.device, precision=cfg.train.precision,
                                tensor_parallel=cfg.parallel.tensor)  # fmt: skip
     apply_backends(model, backends)  # new modules: before the optimizer sees the parameters
     frozen = freeze_parameters(model, freeze)
-    optimizer = build_optimizer(model, cfg.optim)
-    trainer = Trainer(
-        cfg, model, optimizer, train_data, valid_data,
-        loss_fn=loss_function(backends), device=device, run_dir=run_dir, hooks=ParallelHooks(),
-        lr_step_offset=lr_step_offset, lr_total_steps=lr_total_steps,
-        step_context=lambda: fp8_context(backends),
-    )  # fmt: skip
-    trainer.logger.print(f"backends: {backends.describe()}")
-    resume_from = cfg.checkpoint.load_dir or cfg.checkpoint.save_dir
-    if not (resume_from and trainer.resume(resume_from)):
-        trainer.logger.print(
-            f"model {cfg.model.name}: {sum(p.numel() for p in model.parameters()):,} parameters"
-            + (f", {frozen:,} frozen" if frozen else "")
+    if backends.cross_entropy == "flash" and ctx.tp_size == 1:
+        loss_fn = loss_function(backends)
+    else:
+        loss_fn = make_loss_fn(ctx, real_vocab_size=real_vocab_size)  # padding ids masked out
+    if not ctx.distributed:
+        return TrainingParts(
+            model, build_optimizer(model, cfg.optim), ParallelHooks(), loss_fn, backends, frozen
         )
-    state = trainer.fit()
-    write_data_report(run_dir, data_cfg, train_data, state.consumed_samples, cfg.data.seq_length)
-    trainer.logger.close()
-    return state
+    parallel = build_parallel_training(ctx, model, cfg)
+    parallel.hooks.loss_scaler = parallel.loss_scaler
+    return TrainingParts(model, parallel.optimizer, parallel.hooks, loss_fn, backends, frozen)
 
 
 def freeze_parameters(model: torch.nn.Module, patterns: Sequence[str]) -> int:
@@ -143,14 +193,6 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
     if torch.cuda.is_available():
         torch.cuda.manual_seed_all(seed)
-
-
-def _select_device(choice: str) -> torch.device:
-    if choice == "cuda" or (choice == "auto" and torch.cuda.is_available()):
-        if not torch.cuda.is_available():
-            raise ConfigError("train.device=cuda but no CUDA device is visible; use train.device=cpu")
-        return torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
-    return torch.device("cpu")
 
 
 def _check_inputs(cfg: RunConfig) -> None:

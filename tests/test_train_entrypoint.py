@@ -151,13 +151,15 @@ def test_resume_inside_stage_two_equals_uninterrupted(workspace, tmp_path):
     run(straight)
     interrupted = stage_config(workspace, tmp_path / "i")
     plans = plan_stages(interrupted)
+    from megatron_andromeda.parallel import ParallelContext
     from megatron_andromeda.train import run_stage
 
-    run_stage(plans[0].config)
+    ctx = ParallelContext.single()
+    run_stage(plans[0].config, ctx)
     # a job that ends after step 2 of stage 2: its checkpoint at step 2 exists, nothing later
     killed = plans[1].config
     killed.train.exit_interval = 2
-    run_stage(killed, plans[1].stage.freeze, plans[1].lr_step_offset, plans[1].lr_total_steps)
+    run_stage(killed, ctx, plans[1].stage.freeze, plans[1].lr_step_offset, plans[1].lr_total_steps)
     assert not (tmp_path / "i/ckpt/1-code/step_00000004").exists()
     run(interrupted)  # the same command again: stage 1 is done, stage 2 resumes at step 2
     for label in ("1-code", "2-chat"):
@@ -198,3 +200,20 @@ def test_chat_datasets_train_only_on_replies(workspace, tmp_path):
     sample = train[0]
     assert set(sample) >= {"tokens", "labels", "loss_mask", "position_ids", "segment_ids"}
     assert 0 < sample["loss_mask"].sum() < 16
+
+
+@pytest.mark.parametrize("layout", [["parallel.tensor=2", "parallel.sequence_parallel=true"],
+                                    ["parallel.data=2", "parallel.distributed_optimizer=true"]],
+                         ids=["tensor2-sp", "data2-zero1"])
+def test_torchrun_layouts_match_one_process(workspace, tmp_path, layout):
+    common = ["model.dropout=0.0", "train.steps=4", "train.eval_interval=0", "model.num_kv_heads=1"]
+    single = tmp_path / "single"
+    run(load_config(None, overrides(workspace, single, *common)))
+    multi = tmp_path / "multi"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+           "-m", "megatron_andromeda.train", *overrides(workspace, multi, *common), *layout]
+    result = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300,
+                            env={**__import__("os").environ, "OMP_NUM_THREADS": "1"})
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "rank layout" in result.stdout.lower() or "tensor" in result.stdout
+    np.testing.assert_allclose(train_losses(multi), train_losses(single), rtol=1e-5)

@@ -51,6 +51,7 @@ class ParallelHooks:
     grad_norm: Callable[[Sequence[torch.Tensor]], torch.Tensor] | None = None
     mean_across_data: Callable[[torch.Tensor], torch.Tensor] = lambda t: t
     any_rank_true: Callable[[bool], bool] = lambda flag: flag
+    loss_scaler: Any = None  # fp16 across ranks: parallel.mixed_precision.DynamicLossScaler
 
     def __post_init__(self):
         if self.schedule is None:
@@ -113,8 +114,10 @@ class Trainer:
         self.tokens_per_step = tc.global_batch_size * cfg.data.seq_length
         self.flops_per_token = training_flops_per_token(cfg.model, cfg.data.seq_length)
         self.logger = logger or MetricsLogger(cfg.logging, run_dir, tc.steps, self.hooks.is_logging_rank)
-        self.scaler = torch.amp.GradScaler(device.type) if tc.precision == "fp16" else None
-        self.params = [p for p in model.parameters() if p.requires_grad]
+        fp16 = tc.precision == "fp16"
+        self.scaler = (self.hooks.loss_scaler or torch.amp.GradScaler(device.type)) if fp16 else None
+        # What the optimizer updates: the model's parameters, or fp32 master copies in parallel runs.
+        self.params = [p for group in optimizer.param_groups for p in group["params"]]
 
     # ------------------------------------------------------------------------------------------ data
     def micro_batches(self, step_start_sample: int):

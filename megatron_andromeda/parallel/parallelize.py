@@ -1,0 +1,245 @@
+"""The one place that applies tensor and sequence parallelism to an unmodified GPTModel.
+
+Every rank builds the same full model (same seed), then `parallelize_model` changes it in place:
+
+- each block's qkv / gate_up / up projections become ColumnParallelLinear and o_proj / down_proj
+  RowParallelLinear, holding this rank's shard (parallel/sharding.py); the attention's head counts
+  become per-rank (query heads split; KV heads split, or replicated when fewer than the degree);
+- the embedding becomes a VocabParallelEmbedding and an untied head keeps its vocabulary shard; the
+  head (tied or not) is then column-parallel and logits come out vocabulary-sharded, (B, T, V/tp);
+- ALiBi slopes keep this rank's heads; the attention core (and, under sequence parallelism, the
+  residual dropout) draws from the tensor-parallel random stream.
+
+Where the regions are entered and left (forward hooks; the model code is not touched): every norm's
+output enters one (it feeds attention, the MLP or the head), and every residual branch leaves it at
+the input of the block's `dropout`, which both block types apply to each branch before the residual
+add. A parallel block therefore sums its attention and MLP partials and pays one collective each
+way per layer instead of two. Parameter names do not change, so checkpoints see the same keys.
+
+Sequence parallelism splits the sequence inside each stage: the embedding output (and a pipeline
+stage's input) is the full sequence, from which GPTModel reads T; the stage's first layer keeps its
+sequence chunk, and a non-last stage gathers the chunks after its last layer, so stages exchange
+full activations.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Callable, Sequence
+from functools import partial
+
+import torch
+from torch import nn
+
+from megatron_andromeda.config import ConfigError, ParallelConfig
+from megatron_andromeda.models.gpt import GPTModel, language_model_loss
+from megatron_andromeda.parallel.context import ParallelContext, check_tensor_parallel
+from megatron_andromeda.parallel.mappings import (
+    all_reduce_,
+    gather_from_sequence_parallel_region,
+    scatter_to_sequence_parallel_region,
+)
+from megatron_andromeda.parallel.random import RNGTracker
+from megatron_andromeda.parallel.sharding import kv_heads_per_rank, kv_replicas, shard_param, split_kind
+from megatron_andromeda.parallel.tensor_parallel import (
+    ColumnParallelLinear,
+    ReplicatedRows,
+    RowParallelLinear,
+    VocabParallelEmbedding,
+    enter_region,
+    grad_norm_squared,
+    leave_region,
+    sum_partial_grads,
+    tensor_parallel_parameter,
+    vocab_parallel_cross_entropy,
+)
+
+LossFn = Callable[..., tuple[torch.Tensor, dict[str, torch.Tensor]]]
+
+
+def parallelize_model(model: GPTModel, ctx: ParallelContext, parallel_cfg: ParallelConfig) -> GPTModel:
+    """Shard `model` (built identically on every rank) over ctx's tensor group, in place; returns it."""
+    if ctx.tp_size == 1:
+        return model
+    check_tensor_parallel(model.cfg, ctx.tp_size)
+    if any(isinstance(m, ColumnParallelLinear) for m in model.modules()):
+        raise ValueError("parallelize_model: this model is already tensor-parallel")
+    sp = parallel_cfg.sequence_parallel
+    for idx, block in model.layers.items():
+        _parallelize_block(block, f"layers.{idx}", model, ctx, sp)
+    _parallelize_ends(model, ctx)
+    _enter_regions_after_norms(model, ctx, sp)
+    if sp:
+        _split_sequence_inside_stage(model, ctx)
+        for name, param in model.named_parameters():
+            if split_kind(name) == "replicated":  # norms applied to sequence shards: partial gradients
+                param.sequence_parallel = True
+    if model.rotary is None:  # ALiBi: this rank's heads only
+        heads = model.cfg.num_heads // ctx.tp_size
+        model.alibi_slopes = model.alibi_slopes[ctx.tp_rank * heads : (ctx.tp_rank + 1) * heads].clone()
+    return model
+
+
+def _shard(model: GPTModel, ctx: ParallelContext, name: str, weight: torch.Tensor) -> torch.Tensor:
+    return shard_param(name, weight.detach(), model.cfg, ctx.tp_rank, ctx.tp_size)
+
+
+def _parallelize_block(
+    block: nn.Module, prefix: str, model: GPTModel, ctx: ParallelContext, sp: bool
+) -> None:
+    cfg, group, tp = model.cfg, ctx.tp_group, ctx.tp_size
+    shard = partial(_shard, model, ctx)
+    attn, mlp = block.attn, block.mlp
+    qkv = shard(f"{prefix}.attn.qkv_proj.weight", attn.qkv_proj.weight)
+    attn.qkv_proj = ColumnParallelLinear(qkv, group, input_mode="in_region")
+    attn.o_proj = RowParallelLinear(
+        shard(f"{prefix}.attn.o_proj.weight", attn.o_proj.weight), group, output_mode="partial"
+    )
+    attn.num_heads = cfg.num_heads // tp
+    attn.num_kv_heads = kv_heads_per_rank(cfg, tp)
+    reps = kv_replicas(cfg, tp)
+    if reps > 1:  # the shard is [q; k; v]: its k and v rows are copies held by `reps` ranks
+        q_rows, kv_rows = attn.num_heads * cfg.kv_channels, attn.num_kv_heads * cfg.kv_channels
+        attn.qkv_proj.weight.tp_replicated_rows = ReplicatedRows(
+            start=q_rows,
+            stop=q_rows + 2 * kv_rows,
+            slot=ctx.tp_rank // reps,
+            num_slots=tp // reps,
+            replicas=reps,
+        )
+    up_name = "gate_up_proj" if mlp.swiglu else "up_proj"
+    up = shard(f"{prefix}.mlp.{up_name}.weight", getattr(mlp, up_name).weight)
+    setattr(mlp, up_name, ColumnParallelLinear(up, group, input_mode="in_region"))
+    down = shard(f"{prefix}.mlp.down_proj.weight", mlp.down_proj.weight)
+    mlp.down_proj = RowParallelLinear(down, group, output_mode="partial")
+    # Leave the region where the residual branch(es) reach the block's dropout: a parallel block sums
+    # its attention and MLP partials first, so both branches share one collective.
+    block.dropout.register_forward_pre_hook(lambda m, args: (leave_region(args[0], group, sp),))
+    if cfg.dropout > 0:
+        _run_in_tensor_parallel_stream(attn.core, ctx.rng)
+        if sp:  # residual dropout acts on sequence shards: independent masks per rank
+            _run_in_tensor_parallel_stream(block.dropout, ctx.rng)
+
+
+def _parallelize_ends(model: GPTModel, ctx: ParallelContext) -> None:
+    group = ctx.tp_group
+    if model.embedding is not None:
+        model.embedding = VocabParallelEmbedding(
+            _shard(model, ctx, "embedding.weight", model.embedding.weight), group
+        )
+    if model.lm_head is not None:
+        model.lm_head.weight = tensor_parallel_parameter(
+            _shard(model, ctx, "lm_head.weight", model.lm_head.weight)
+        )
+
+
+def _enter_regions_after_norms(model: GPTModel, ctx: ParallelContext, sp: bool) -> None:
+    """Every norm's output feeds a region: a block's attention/MLP, or the (column-parallel) head.
+
+    The head is applied as F.linear(h, output_weight) inside GPTModel, so the final norm's output is
+    the only place to enter its region; doing the same for the blocks' norms makes a parallel block's
+    two branches share one collective.
+    """
+    group = ctx.tp_group
+    norms = [
+        m for name, m in model.named_modules() if re.fullmatch(r"(norm\d?|final_norm)", name.split(".")[-1])
+    ]
+    for norm in norms:
+        norm.register_forward_hook(lambda m, args, out: enter_region(out, group, sp))
+
+
+def _split_sequence_inside_stage(model: GPTModel, ctx: ParallelContext) -> None:
+    layers = list(model.layers.values())
+    if not layers:
+        raise ConfigError("parallel.sequence_parallel needs at least one layer on every pipeline stage")
+    group, tp = ctx.tp_group, ctx.tp_size
+
+    def split(module: nn.Module, args: tuple) -> tuple:
+        x = args[0]  # (B, T, D), replicated
+        if x.shape[1] % tp:
+            raise ValueError(
+                f"sequence parallelism needs the sequence length ({x.shape[1]}) to be a multiple of "
+                f"parallel.tensor={tp}; pad the batch, or disable parallel.sequence_parallel (e.g. to decode)"
+            )
+        return (scatter_to_sequence_parallel_region(x, group), *args[1:])
+
+    layers[0].register_forward_pre_hook(split)
+    if not model.post_process:  # hand the next stage the full sequence; its gradient comes back replicated
+        layers[-1].register_forward_hook(
+            lambda m, a, out: gather_from_sequence_parallel_region(out, group, False)
+        )
+
+
+def _run_in_tensor_parallel_stream(module: nn.Module, rng: RNGTracker) -> None:
+    """Draw the module's randomness from the tensor-parallel stream (a hook pair: no wrapper module)."""
+    active: list = []
+
+    def enter(mod: nn.Module, args: tuple) -> None:
+        device = next((a.device for a in args if torch.is_tensor(a)), torch.device("cpu"))
+        fork = rng.fork("tensor-parallel", device)
+        fork.__enter__()
+        active.append(fork)
+
+    def leave(mod: nn.Module, args: tuple, out: torch.Tensor) -> None:
+        if active:
+            active.pop().__exit__(None, None, None)
+
+    module.register_forward_pre_hook(enter)
+    module.register_forward_hook(leave, always_call=True)
+
+
+# --------------------------------------------------------------------------------------------- loss and grads
+def make_loss_fn(ctx: ParallelContext, real_vocab_size: int | None = None) -> LossFn:
+    """A function like `language_model_loss(logits, labels, loss_mask, z_loss)` for this context.
+
+    With tp > 1 the logits are vocabulary-sharded and the loss is the vocabulary-parallel one. With
+    real_vocab_size, logits of the padding ids >= real_vocab_size are excluded from the softmax
+    (and from the z-loss's logsumexp) on every layout.
+    """
+    if ctx.tp_size == 1:
+        return partial(_single_loss, real_vocab_size=real_vocab_size)
+    return partial(_vocab_parallel_loss, group=ctx.tp_group, real_vocab_size=real_vocab_size)
+
+
+def _single_loss(logits, labels, loss_mask=None, z_loss=0.0, *, real_vocab_size=None):
+    if real_vocab_size is not None and real_vocab_size < logits.shape[-1]:
+        padding = torch.arange(logits.shape[-1], device=logits.device) >= real_vocab_size
+        logits = logits.float().masked_fill(padding, float("-inf"))
+    return language_model_loss(logits, labels, loss_mask, z_loss)
+
+
+def _vocab_parallel_loss(logits, labels, loss_mask=None, z_loss=0.0, *, group, real_vocab_size=None):
+    # logits: (B, T, V/tp) on every tensor rank; the result is replicated across the group.
+    ce, lse = vocab_parallel_cross_entropy(
+        logits.reshape(-1, logits.shape[-1]), labels.reshape(-1), group, real_vocab_size
+    )
+    mask = torch.ones_like(ce) if loss_mask is None else loss_mask.reshape(-1).float()
+    denom = mask.sum().clamp(min=1.0)
+    lm_loss = (ce * mask).sum() / denom
+    total, parts = lm_loss, {"lm_loss": lm_loss.detach()}
+    if z_loss > 0:
+        z = (lse.square() * mask).sum() / denom
+        total = total + z_loss * z
+        parts["z_loss"] = z.detach()
+    return total, parts
+
+
+def finalize_tp_grads(model: nn.Module, ctx: ParallelContext) -> None:
+    """After the step's last backward: sum replicated weights' partial gradients over the tensor group."""
+    sum_partial_grads(model, ctx.tp_group)
+
+
+def make_grad_norm_fn(
+    model: nn.Module, ctx: ParallelContext
+) -> Callable[[Sequence[torch.Tensor]], torch.Tensor]:
+    """The global gradient norm of a tensor/pipeline-sharded model, for the trainer's `grad_norm` hook.
+
+    It reads the gradients from `model`'s parameters (replication is tagged on parameters, not on
+    gradient tensors) and sums the squared shares over the model-parallel group.
+    Pipeline note: a tied embedding held by the first and last stage would be counted twice.
+    """
+
+    def grad_norm(grads: Sequence[torch.Tensor] = ()) -> torch.Tensor:
+        return all_reduce_(grad_norm_squared(model, ctx.tp_rank), ctx.mp_group).sqrt()
+
+    return grad_norm
