@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import fnmatch
 import json
+import os
 import random
 import sys
 from collections.abc import Callable, Sequence
@@ -29,8 +30,14 @@ from megatron_andromeda.config import ConfigError, DataConfig, RunConfig, load_c
 from megatron_andromeda.data.builder import build_datasets, parse_blend
 from megatron_andromeda.data.recipe import resolve_data_config
 from megatron_andromeda.models import GPTModel
-from megatron_andromeda.parallel import ParallelContext, init_parallel, make_loss_fn, parallelize_model
+from megatron_andromeda.parallel import ParallelContext, init_parallel, make_loss_fn, validate_layout
 from megatron_andromeda.parallel.hooks import build_parallel_training
+from megatron_andromeda.parallel.pipeline import (
+    build_pipeline_model,
+    build_pipeline_schedule,
+    check_pipeline_config,
+)
+from megatron_andromeda.parallel.recompute import apply_recompute
 from megatron_andromeda.training.checkpoint import read_model_state, resolve_checkpoint
 from megatron_andromeda.training.optim import build_optimizer
 from megatron_andromeda.training.stages import plan_stages
@@ -59,7 +66,10 @@ def main(argv: list[str] | None = None) -> TrainState:
 
 def run(cfg: RunConfig) -> TrainState:
     """Train with a validated config (every stage in order, for a multi-stage run)."""
-    ctx = init_parallel(cfg)  # validates the layout before any process group exists
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    layout = validate_layout(cfg.parallel, cfg.model, world_size, cfg.data.seq_length)
+    check_pipeline_config(cfg, layout.dp)  # both before any process group exists
+    ctx = init_parallel(cfg)
     try:
         if not cfg.stages:
             return run_stage(cfg, ctx)
@@ -129,10 +139,15 @@ def build_training(cfg: RunConfig, ctx: ParallelContext, real_vocab_size: int, f
     processes go through parallel/: tensor sharding, bucketed gradient reduction overlapped with
     backward, the replicated or ZeRO-1 optimizer with fp32 master weights.
     """
-    model = build_model(cfg)
     if ctx.distributed:
-        model = parallelize_model(model, ctx, cfg.parallel)
-    model = model.to(ctx.device)
+        if cfg.train.init_from:
+            raise ConfigError(
+                "train.init_from with several processes needs a resharding load: convert the "
+                "checkpoint with tools/reshard_checkpoint.py or start from one process"
+            )
+        model = build_pipeline_model(cfg, ctx)  # this rank's stage(s), tensor-sharded, recompute applied
+    else:
+        model = apply_recompute(build_model(cfg), cfg.parallel.recompute).to(ctx.device)
     backends = select_backends(cfg.backend, ctx.device, precision=cfg.train.precision,
                                tensor_parallel=cfg.parallel.tensor)  # fmt: skip
     apply_backends(model, backends)  # new modules: before the optimizer sees the parameters
@@ -145,7 +160,8 @@ def build_training(cfg: RunConfig, ctx: ParallelContext, real_vocab_size: int, f
         return TrainingParts(
             model, build_optimizer(model, cfg.optim), ParallelHooks(), loss_fn, backends, frozen
         )
-    parallel = build_parallel_training(ctx, model, cfg)
+    schedule = build_pipeline_schedule(ctx, cfg) if ctx.pp_size > 1 else None
+    parallel = build_parallel_training(ctx, model, cfg, schedule=schedule)
     parallel.hooks.loss_scaler = parallel.loss_scaler
     return TrainingParts(model, parallel.optimizer, parallel.hooks, loss_fn, backends, frozen)
 

@@ -203,10 +203,11 @@ def test_chat_datasets_train_only_on_replies(workspace, tmp_path):
 
 
 @pytest.mark.parametrize("layout", [["parallel.tensor=2", "parallel.sequence_parallel=true"],
-                                    ["parallel.data=2", "parallel.distributed_optimizer=true"]],
-                         ids=["tensor2-sp", "data2-zero1"])
+                                    ["parallel.data=2", "parallel.distributed_optimizer=true"],
+                                    ["parallel.pipeline=2", "parallel.recompute=full"]],
+                         ids=["tensor2-sp", "data2-zero1", "pipeline2-recompute"])
 def test_torchrun_layouts_match_one_process(workspace, tmp_path, layout):
-    common = ["model.dropout=0.0", "train.steps=4", "train.eval_interval=0", "model.num_kv_heads=1"]
+    common = ["model.dropout=0.0", "train.steps=4", "train.eval_interval=2", "model.num_kv_heads=1"]
     single = tmp_path / "single"
     run(load_config(None, overrides(workspace, single, *common)))
     multi = tmp_path / "multi"
@@ -217,3 +218,10 @@ def test_torchrun_layouts_match_one_process(workspace, tmp_path, layout):
     assert result.returncode == 0, result.stderr[-3000:]
     assert "rank layout" in result.stdout.lower() or "tensor" in result.stdout
     np.testing.assert_allclose(train_losses(multi), train_losses(single), rtol=1e-5)
+    np.testing.assert_allclose(valid_losses(multi), valid_losses(single), rtol=1e-5)
+    assert len(valid_losses(single)) == 3  # steps 0, 2 and 4
+
+
+def valid_losses(run_dir: Path) -> list[float]:
+    lines = (run_dir / "metrics.jsonl").read_text().splitlines()
+    return [json.loads(line)["loss"] for line in lines if '"valid"' in line]

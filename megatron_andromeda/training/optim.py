@@ -19,7 +19,9 @@ def parameter_groups(model: nn.Module, cfg: OptimConfig) -> list[dict]:
     for name, p in model.named_parameters():
         if not p.requires_grad:
             continue
-        is_embedding = name.startswith("embedding.") or name.startswith("lm_head.")
+        # Interleaved pipeline chunks prefix names with the chunk index ("0.embedding.weight").
+        base = name.split(".", 1)[1] if name.split(".", 1)[0].isdigit() else name
+        is_embedding = base.startswith(("embedding.", "lm_head."))
         if p.dim() < 2 or (is_embedding and not cfg.decay_norms_and_embeddings):
             no_decay.append(p)
         else:

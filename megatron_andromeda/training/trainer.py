@@ -58,13 +58,16 @@ class ParallelHooks:
             self.schedule = no_pipelining
 
 
-def no_pipelining(forward_step, data_iterator, model: nn.Module, num_microbatches: int) -> list[dict]:
+def no_pipelining(
+    forward_step, data_iterator, model: nn.Module, num_microbatches: int, forward_only: bool = False
+) -> list[dict]:
     """The schedule of a model that is not split into stages: forward and backward each micro-batch."""
     parts = []
     for _ in range(num_microbatches):
         output, loss_fn = forward_step(data_iterator, model)
         loss, loss_parts = loss_fn(output)
-        loss.backward()
+        if not forward_only:
+            loss.backward()
         parts.append(loss_parts)
     return parts
 
@@ -120,7 +123,7 @@ class Trainer:
         self.params = [p for group in optimizer.param_groups for p in group["params"]]
 
     # ------------------------------------------------------------------------------------------ data
-    def micro_batches(self, step_start_sample: int):
+    def micro_batches(self, step_start_sample: int, dataset: Any | None = None):
         """This rank's micro-batches of the global batch starting at `step_start_sample`.
 
         Rank r reads the contiguous slice [r * per_rank, (r + 1) * per_rank) of the global batch, so
@@ -130,7 +133,8 @@ class Trainer:
         mbs = self.cfg.train.micro_batch_size
         first = step_start_sample + self.hooks.dp_rank * self.samples_per_rank
         for m in range(self.accumulation_steps):
-            yield self._collate(self.train_data, range(first + m * mbs, first + (m + 1) * mbs))
+            source = self.train_data if dataset is None else dataset
+            yield self._collate(source, range(first + m * mbs, first + (m + 1) * mbs))
 
     def _collate(self, dataset: Any, indices: range) -> dict[str, torch.Tensor]:
         samples = [dataset[i % len(dataset)] for i in indices]
@@ -238,19 +242,25 @@ class Trainer:
     # ------------------------------------------------------------------------------------------ eval
     @torch.no_grad()
     def evaluate(self, dataset: Any | None = None) -> dict[str, float]:
+        """Mean loss and perplexity over the first train.eval_batches global batches of `dataset`.
+
+        Each data-parallel rank reads its slice of each global batch, as in training, so the figure
+        does not depend on the layout.
+        """
         dataset = dataset if dataset is not None else self.valid_data
         if dataset is None:
             return {}
         self.model.eval()
-        mbs = self.cfg.train.micro_batch_size
-        per_rank = self.cfg.train.eval_batches * mbs
-        first = self.hooks.dp_rank * per_rank
-        total = torch.zeros((), device=self.device)
-        for b in range(self.cfg.train.eval_batches):
-            batch = self._collate(dataset, range(first + b * mbs, first + (b + 1) * mbs))
-            output, loss_fn = self.forward_step(iter([batch]), self.model)
-            total += loss_fn(output)[1]["lm_loss"]
-        loss = self.hooks.mean_across_data(total / self.cfg.train.eval_batches).item()
+        gbs, steps = self.cfg.train.global_batch_size, self.cfg.train.eval_batches
+        n = steps * self.accumulation_steps
+        batches = (batch for step in range(steps) for batch in self.micro_batches(step * gbs, dataset))
+        parts = self.hooks.schedule(self.forward_step, batches, self.model, n, forward_only=True)
+        local = (
+            torch.stack([p["lm_loss"] for p in parts]).mean()
+            if parts
+            else torch.zeros((), device=self.device)
+        )
+        loss = self.hooks.mean_across_data(self.hooks.loss_from_last_stage(local)).item()
         return {"loss": loss, "ppl": math.exp(min(loss, 50.0))}
 
     # ------------------------------------------------------------------------------------------ loop

@@ -1,0 +1,189 @@
+"""No silent hangs: a communication that makes no progress for `parallel.comm_timeout_s` ends the run.
+
+A pipeline that waits on a peer which never answers (a crashed, stalled or mis-scheduled rank) would
+otherwise block forever. Each rank runs a small daemon thread. Blocking waits are wrapped in
+`watchdog.watch(label)`; when one lasts longer than the timeout, or a wait raises, the rank
+
+1. writes a header and the Python stack of every thread (faulthandler) to stderr, and to
+   `dump_dir/rank<N>.txt` when a dump directory is given;
+2. raises an abort flag in the job's key-value store (the one torch.distributed was initialised
+   with), so that every other rank's thread dumps its own stacks too, including a rank that is stuck
+   in computation rather than communication: that rank is usually the culprit;
+3. waits briefly for the others' dumps and exits the process with `EXIT_CODE`.
+
+Exiting from the watchdog thread is deliberate: the main thread is blocked inside a C++ wait and
+cannot be interrupted with an exception.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import faulthandler
+import os
+import sys
+import tempfile
+import threading
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import NoReturn
+
+import torch.distributed as dist
+
+EXIT_CODE = 124  # the conventional "timed out" status
+ABORT_KEY = "andromeda/watchdog/abort"
+DUMPED_KEY = "andromeda/watchdog/dumped"
+
+
+def default_store() -> dist.Store | None:
+    """The store of the default process group, or None outside a distributed run.
+
+    torch exposes it only through a private helper; without it the watchdog still dumps the local
+    stacks and exits, it just cannot ask the other ranks to dump theirs.
+    """
+    if not dist.is_initialized():
+        return None
+    getter = getattr(dist.distributed_c10d, "_get_default_store", None)
+    try:
+        return getter() if getter is not None else None
+    except RuntimeError:
+        return None
+
+
+class Watchdog:
+    """Times the waits wrapped in `watch` and takes the whole job down, with stacks, when one hangs."""
+
+    def __init__(
+        self,
+        timeout_s: float,
+        *,
+        rank: int = 0,
+        world_size: int = 1,
+        store: dist.Store | None = None,
+        dump_dir: str | Path | None = None,
+    ):
+        if timeout_s <= 0:
+            raise ValueError(f"parallel.comm_timeout_s={timeout_s} must be positive")
+        self.timeout_s = timeout_s
+        self.rank = rank
+        self.world_size = world_size
+        self.store = store
+        self.dump_dir = Path(dump_dir) if dump_dir else None
+        self.poll_s = min(max(timeout_s / 10, 0.1), 5.0)
+        self._lock = threading.Lock()
+        self._armed: tuple[str, float] | None = None
+        self._stop = threading.Event()
+        self._aborting = threading.Lock()  # held by the one thread that takes the job down
+        self._thread: threading.Thread | None = None
+
+    @classmethod
+    def for_job(cls, timeout_s: float, dump_dir: str | Path | None = None) -> Watchdog:
+        """A watchdog wired to the default process group's rank, size and store."""
+        if not dist.is_initialized():
+            return cls(timeout_s, dump_dir=dump_dir)
+        return cls(
+            timeout_s,
+            rank=dist.get_rank(),
+            world_size=dist.get_world_size(),
+            store=default_store(),
+            dump_dir=dump_dir,
+        )
+
+    # ------------------------------------------------------------------------------------------ use
+    @contextmanager
+    def watch(self, label: str) -> Iterator[None]:
+        """Guard a blocking wait; a failure inside it (a peer's timeout error) also aborts the job."""
+        self._start()
+        with self._lock:
+            self._armed = (label, time.monotonic())
+        try:
+            yield
+        except Exception as err:  # a backend error in a wait: the job cannot continue either
+            self.abort(f"{label} failed: {type(err).__name__}: {err}")
+        finally:
+            with self._lock:
+                self._armed = None
+
+    def close(self) -> None:
+        self._stop.set()
+
+    # ------------------------------------------------------------------------------------------ thread
+    def _start(self) -> None:
+        if self._thread is None:
+            self._thread = threading.Thread(target=self._run, name="andromeda-watchdog", daemon=True)
+            self._thread.start()
+
+    def _run(self) -> None:
+        while not self._stop.wait(self.poll_s):
+            with self._lock:
+                armed = self._armed
+            if armed is not None and time.monotonic() - armed[1] > self.timeout_s:
+                self.abort(
+                    f"no progress for {time.monotonic() - armed[1]:.1f} s on {armed[0]} "
+                    f"(parallel.comm_timeout_s={self.timeout_s:g})"
+                )
+            reason = self._abort_requested(armed is not None)
+            if reason is not None and self._aborting.acquire(blocking=False):
+                self._dump(f"watchdog: {reason}; this rank's stacks at that moment")
+                self._count_dump()
+                self._exit()
+
+    def _abort_requested(self, waiting: bool) -> str | None:
+        if self.store is None:
+            return None
+        try:
+            if self.store.check([ABORT_KEY]):
+                return f"rank {self.store.get(ABORT_KEY).decode()} aborted the job"
+        except Exception:  # the store died with its host rank while we wait on a peer: going down
+            if waiting:
+                return "the job's store is unreachable (its host rank exited)"
+        return None
+
+    # ------------------------------------------------------------------------------------------ abort
+    def abort(self, reason: str) -> NoReturn:
+        """Dump this rank's stacks, ask every rank to dump theirs, wait for them, exit with EXIT_CODE.
+
+        Only the first caller proceeds; a second one (the main thread's wait failing because the
+        peers exit while the watchdog thread is already aborting) waits for the exit.
+        """
+        if not self._aborting.acquire(blocking=False):
+            while True:
+                time.sleep(1.0)
+        self._dump(f"watchdog: {reason}")
+        if self.store is not None:
+            try:
+                self.store.set(ABORT_KEY, str(self.rank))
+                self._count_dump()
+                deadline = time.monotonic() + max(10.0, 5 * self.poll_s)
+                while self.store.add(DUMPED_KEY, 0) < self.world_size and time.monotonic() < deadline:
+                    time.sleep(self.poll_s / 2)
+            except Exception:  # other ranks are already gone; nothing left to wait for
+                pass
+        self._exit()
+
+    def _dump(self, header: str) -> None:
+        title = f"[rank {self.rank}] {header}\n"
+        sys.stdout.flush()
+        sys.stderr.write(title)
+        sys.stderr.flush()
+        faulthandler.dump_traceback(file=sys.stderr, all_threads=True)
+        if self.dump_dir is not None:
+            self.dump_dir.mkdir(parents=True, exist_ok=True)
+            target = self.dump_dir / f"rank{self.rank}.txt"
+            with tempfile.NamedTemporaryFile("w", dir=self.dump_dir, delete=False, suffix=".tmp") as tmp:
+                tmp.write(title)
+                tmp.flush()
+                faulthandler.dump_traceback(file=tmp, all_threads=True)
+            os.replace(tmp.name, target)
+
+    def _count_dump(self) -> None:
+        if self.store is not None:
+            with contextlib.suppress(Exception):  # store already gone: nobody is waiting for the count
+                self.store.add(DUMPED_KEY, 1)
+
+    @staticmethod
+    def _exit() -> NoReturn:
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(EXIT_CODE)
