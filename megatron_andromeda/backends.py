@@ -28,7 +28,7 @@ from torch import nn
 
 from megatron_andromeda.config import BackendConfig, ConfigError
 from megatron_andromeda.models.attention import Attention, AttentionInputs, CoreAttention
-from megatron_andromeda.models.gpt import language_model_loss
+from megatron_andromeda.models.gpt import language_model_loss, sample_totals
 from megatron_andromeda.models.rotary import apply_rotary
 
 FP8_MIN_CAPABILITY = (8, 9)  # Ada / Hopper: the first GPUs with FP8 tensor cores
@@ -431,7 +431,10 @@ def loss_function(choice: BackendChoice) -> Callable[..., tuple[torch.Tensor, di
         denom = mask.sum().clamp(min=1.0)
         total = (losses * mask).sum() / denom
         z_part = (z_losses.detach() * mask).sum() / denom
-        parts = {"lm_loss": total.detach() - z_part}
+        parts = {
+            "lm_loss": total.detach() - z_part,
+            **sample_totals(losses.detach() - z_losses.detach(), mask, labels.shape[0]),
+        }
         if z_loss > 0:
             parts["z_loss"] = z_part / z_loss
         return total, parts

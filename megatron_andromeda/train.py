@@ -26,6 +26,7 @@ from megatron_andromeda.backends import (
     loss_function,
     select_backends,
 )
+from megatron_andromeda.checkpoint import Placement, load_model_weights
 from megatron_andromeda.config import ConfigError, DataConfig, RunConfig, load_config, save_resolved_config
 from megatron_andromeda.data.builder import build_datasets, parse_blend
 from megatron_andromeda.data.recipe import resolve_data_config
@@ -36,6 +37,7 @@ from megatron_andromeda.parallel.pipeline import (
     build_pipeline_model,
     build_pipeline_schedule,
     check_pipeline_config,
+    sync_tied_embedding_weights,
 )
 from megatron_andromeda.parallel.recompute import apply_recompute
 from megatron_andromeda.training.checkpoint import read_model_state, resolve_checkpoint
@@ -140,12 +142,10 @@ def build_training(cfg: RunConfig, ctx: ParallelContext, real_vocab_size: int, f
     backward, the replicated or ZeRO-1 optimizer with fp32 master weights.
     """
     if ctx.distributed:
-        if cfg.train.init_from:
-            raise ConfigError(
-                "train.init_from with several processes needs a resharding load: convert the "
-                "checkpoint with tools/reshard_checkpoint.py or start from one process"
-            )
         model = build_pipeline_model(cfg, ctx)  # this rank's stage(s), tensor-sharded, recompute applied
+        if cfg.train.init_from:  # any saved layout: each rank reads the slices it holds
+            load_model_weights(cfg.train.init_from, model, Placement.from_context(ctx))
+            sync_tied_embedding_weights(model, ctx)
     else:
         model = apply_recompute(build_model(cfg), cfg.parallel.recompute).to(ctx.device)
     backends = select_backends(cfg.backend, ctx.device, precision=cfg.train.precision,

@@ -22,6 +22,18 @@ def test_every_example_config_loads_and_validates(path):
     assert cfg.model.num_layers > 0
 
 
+def test_three_stage_example_plans_the_seeds_budgets():
+    from megatron_andromeda.training.stages import plan_stages
+
+    plans = plan_stages(load_config(ROOT / "examples/configs/andromeda_100m_3stage.yaml"))
+    tokens_per_step = 256 * 2048
+    assert [p.label for p in plans] == ["0-pretrain", "1-medium", "2-instructions"]
+    assert [p.config.train.steps for p in plans] == [-(-int(t) // tokens_per_step) for t in (2e10, 5e9, 1e9)]
+    assert plans[1].config.train.init_from.endswith("0-pretrain")
+    last = plans[2].config.data
+    assert last.reset_attention_mask and last.recipe.endswith("stage3_low_priority.yaml")
+
+
 def test_preset_then_dotted_overrides():
     cfg = load_config(None, ["model=andromeda-1b", "model.num_layers=4", "optim.lr=1e-3", "train.steps=7"])
     assert cfg.model.name == "andromeda-1b"

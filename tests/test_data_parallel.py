@@ -237,13 +237,16 @@ def _sharding_and_resume(ctx: ParallelContext, root: Path) -> dict:
     data = Tokens()
     straight, _ = build_trainer(run_config(root / "a", *sharded), ctx, data, root / "a")
     ids, losses = run(straight, data, steps)
-    save = f"checkpoint.save_dir={root / 'ckpt'}"
+    # Logs go under each rank's own root; a checkpoint is one directory that every rank writes into
+    # (root is <tmp>/rank<r>/<module>/resume: the shared one sits beside the rank folders).
+    shared_ckpt = root.parents[2] / "shared" / root.parent.name / root.name / "ckpt"
+    save = f"checkpoint.save_dir={shared_ckpt}"
     first, _ = build_trainer(run_config(root / "b", *sharded, save), ctx, data, root / "b")
     run(first, data, 2)
     first.save()
     torch.manual_seed(999)  # resume must restore what it needs itself
     second, _ = build_trainer(run_config(root / "c", *sharded, save), ctx, data, root / "c")
-    assert second.resume(root / "ckpt")
+    assert second.resume(shared_ckpt)
     resumed_ids, resumed_losses = run(second, data, steps - 2)
     return {
         "ids": ids,

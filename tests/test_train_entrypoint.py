@@ -99,6 +99,10 @@ def test_bad_inputs_stop_before_training(workspace, tmp_path):
 
 
 def stage_config(ws: Path, tmp_path: Path, *extra: str):
+    return load_config(None, stage_overrides(ws, tmp_path, *extra))
+
+
+def stage_overrides(ws: Path, tmp_path: Path, *extra: str) -> list[str]:
     stages = (
         "stages=[{name: pretrain, train: ['" + str(ws / "a_train_text_document") + "'], steps: 4},"
         " {name: code, train: ['0.5', '"
@@ -111,16 +115,13 @@ def stage_config(ws: Path, tmp_path: Path, *extra: str):
         + str(ws / "c_train_text_document")
         + "'], steps: 2, lr_schedule: continue}]"
     )
-    return load_config(
-        None,
-        overrides(
-            ws,
-            tmp_path / "runs",
-            f"checkpoint.save_dir={tmp_path / 'ckpt'}",
-            "checkpoint.save_interval=2",
-            stages,
-            *extra,
-        ),
+    return overrides(
+        ws,
+        tmp_path / "runs",
+        f"checkpoint.save_dir={tmp_path / 'ckpt'}",
+        "checkpoint.save_interval=2",
+        stages,
+        *extra,
     )
 
 
@@ -202,24 +203,97 @@ def test_chat_datasets_train_only_on_replies(workspace, tmp_path):
     assert 0 < sample["loss_mask"].sum() < 16
 
 
-@pytest.mark.parametrize("layout", [["parallel.tensor=2", "parallel.sequence_parallel=true"],
-                                    ["parallel.data=2", "parallel.distributed_optimizer=true"],
-                                    ["parallel.pipeline=2", "parallel.recompute=full"]],
-                         ids=["tensor2-sp", "data2-zero1", "pipeline2-recompute"])
+def test_a_blend_of_chat_and_plain_data_batches_together(workspace, tmp_path):
+    """Stage 3 of the strategy mixes instruction sets (loss-masked) with web text in one blend."""
+    from torch.utils.data import default_collate
+
+    from megatron_andromeda.config import DataConfig
+    from megatron_andromeda.data.builder import build_datasets
+    from megatron_andromeda.data.tokenizer import load_tokenizer
+    from megatron_andromeda.sft.dataset import SFTDatasetWriter
+
+    prefix = tmp_path / "chat"
+    with SFTDatasetWriter(prefix, vocab_size=300) as writer:
+        for n in (7, 9, 5, 11):
+            writer.add(np.arange(2, 2 + n), np.array([0] * (n // 2) + [1] * (n - n // 2), dtype=np.uint8))
+    tok = load_tokenizer(str(workspace / "tokenizer.json"))
+    mix = ["0.5", f"{prefix}_text_document", "0.5", str(workspace / "a_train_text_document")]
+    with pytest.raises(ConfigError, match="mixes chat datasets .* set data.reset_attention_mask=true"):
+        build_datasets(DataConfig(train=mix, seq_length=16, cache_dir=str(tmp_path)), tok, (8, 0, 0), 16, 320)
+    data = DataConfig(train=mix, seq_length=16, reset_attention_mask=True, reset_position_ids=True,
+                      cache_dir=str(tmp_path))  # fmt: skip
+    train, _, _ = build_datasets(data, tok, (8, 0, 0), 16, 320)
+    batch = default_collate([train[i] for i in range(8)])
+    assert batch["tokens"].shape == batch["segment_ids"].shape == (8, 16)
+    masked = (batch["loss_mask"] == 0).all(dim=1) | (batch["loss_mask"] < 1).any(dim=1)
+    assert 0 < int(masked.sum()) < 8  # chat samples mask their prompts; plain samples train everywhere
+
+
+@pytest.mark.parametrize(
+    "layout",
+    [
+        ["parallel.tensor=2", "parallel.sequence_parallel=true"],
+        ["parallel.data=2", "parallel.distributed_optimizer=true"],
+        ["parallel.pipeline=2", "parallel.recompute=full"],
+    ],
+    ids=["tensor2-sp", "data2-zero1", "pipeline2-recompute"],
+)
 def test_torchrun_layouts_match_one_process(workspace, tmp_path, layout):
     common = ["model.dropout=0.0", "train.steps=4", "train.eval_interval=2", "model.num_kv_heads=1"]
     single = tmp_path / "single"
     run(load_config(None, overrides(workspace, single, *common)))
     multi = tmp_path / "multi"
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
-           "-m", "megatron_andromeda.train", *overrides(workspace, multi, *common), *layout]
-    result = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300,
-                            env={**__import__("os").environ, "OMP_NUM_THREADS": "1"})
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc-per-node",
+        "2",
+        "-m",
+        "megatron_andromeda.train",
+        *overrides(workspace, multi, *common),
+        *layout,
+    ]
+    result = subprocess.run(
+        cmd,
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env={**__import__("os").environ, "OMP_NUM_THREADS": "1"},
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     assert "rank layout" in result.stdout.lower() or "tensor" in result.stdout
     np.testing.assert_allclose(train_losses(multi), train_losses(single), rtol=1e-5)
     np.testing.assert_allclose(valid_losses(multi), valid_losses(single), rtol=1e-5)
     assert len(valid_losses(single)) == 3  # steps 0, 2 and 4
+
+
+def torchrun(nproc: int, args: list[str]) -> subprocess.CompletedProcess:
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", str(nproc),
+           "-m", "megatron_andromeda.train", *args]  # fmt: skip
+    env = {**__import__("os").environ, "OMP_NUM_THREADS": "1"}
+    return subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300, env=env)
+
+
+def test_torchrun_stages_load_the_previous_stage_into_a_sharded_model(workspace, tmp_path):
+    """Stages 2 and 3 start from the last checkpoint through the resharding load on every rank."""
+    common = ["model.dropout=0.0", "model.num_kv_heads=1"]
+    run(stage_config(workspace, tmp_path / "single", *common))
+    result = torchrun(2, stage_overrides(workspace, tmp_path / "multi", *common, "parallel.tensor=2"))
+    assert result.returncode == 0, result.stderr[-3000:]
+    for label in ("0-pretrain", "1-code", "2-chat"):
+        np.testing.assert_allclose(
+            train_losses(tmp_path / f"multi/runs/{label}"),
+            train_losses(tmp_path / f"single/runs/{label}"),
+            rtol=1e-5,
+            err_msg=label,
+        )
+    _, single = read_model_state(tmp_path / "single/ckpt/2-chat")
+    _, multi = read_model_state(tmp_path / "multi/ckpt/2-chat")
+    for name in single:  # Adam turns fp32 reduction-order noise into ~1e-6 steps: far below lr=5e-3
+        torch.testing.assert_close(multi[name], single[name], rtol=1e-4, atol=2e-5, msg=name)
 
 
 def valid_losses(run_dir: Path) -> list[float]:

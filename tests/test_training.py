@@ -147,6 +147,37 @@ def test_non_finite_gradient_skips_the_update(tmp_path):
         trainer.train_step()
 
 
+def test_per_source_losses_of_a_blended_batch(tmp_path):
+    import copy
+
+    from megatron_andromeda.data.blended_dataset import BlendedDataset
+
+    class RandomTokens(SyntheticTokens):
+        def __init__(self, n: int):
+            self.data = torch.randint(0, VOCAB, (n, SEQ + 1), generator=torch.Generator().manual_seed(3))
+
+    cfg = tiny_config(tmp_path, "model.dropout=0.0", "train.global_batch_size=8")
+    blend = BlendedDataset([SyntheticTokens(64), RandomTokens(64)], [0.5, 0.5], 64)
+    blend.source_names = ["pattern", "noise"]
+    trainer = make_trainer(cfg, tmp_path)
+    trainer.train_data = blend
+    trainer.num_sources = 2
+    before = copy.deepcopy(trainer.model)
+    metrics = trainer.train_step()
+    expected = {}
+    for source, name in enumerate(blend.source_names):
+        rows = [blend[i] for i in range(8) if blend.dataset_index[i] == source]
+        logits = before(torch.stack([r["tokens"] for r in rows]))
+        labels = torch.stack([r["labels"] for r in rows])
+        expected[f"loss/{name}"] = torch.nn.functional.cross_entropy(
+            logits.flatten(0, 1), labels.flatten()
+        ).item()
+    assert set(expected) <= set(metrics)
+    for key, value in expected.items():
+        assert metrics[key] == pytest.approx(value, rel=1e-5), key
+    assert metrics["loss/pattern"] != pytest.approx(metrics["loss/noise"], rel=1e-3)
+
+
 def test_learning_rate_schedule():
     cfg = OptimConfig(lr=1.0, min_lr=0.1, warmup_steps=10, decay_style="cosine")
     assert learning_rate(0, cfg, 110) == pytest.approx(0.1)
@@ -204,8 +235,9 @@ def test_mfu_arithmetic_on_a_known_configuration(tmp_path):
     cfg = tiny_config(tmp_path, "logging.peak_flops=1.0e9")
     trainer = make_trainer(cfg, tmp_path)
     trainer.state.step = 1
-    metrics = trainer._speed_metrics({"loss": 1.0, "lr": 0.1, "grad_norm": 1.0}, elapsed=2.0, steps=1,
-                                     run_start=0.0, start_step=0)
+    metrics = trainer._speed_metrics(
+        {"loss": 1.0, "lr": 0.1, "grad_norm": 1.0}, elapsed=2.0, steps=1, run_start=0.0, start_step=0
+    )
     # by hand: d=32, L=2, 4 heads of 8, 1 KV head, ffn 128, V=64, T=16, global batch 4
     d, L, V, T = 32, 2, 64, 16
     per_layer = d * (4 + 2) * 8 + 4 * 8 * d + 3 * d * 128 + d

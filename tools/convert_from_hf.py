@@ -6,7 +6,8 @@
 
 The checkpoint holds the weights in fp32 and a run config (its config.json, YAML-readable) whose
 model section describes the imported architecture; `--config` supplies the other sections
-(optimizer, data, ...).
+(optimizer, data, ...). `--tensor N --pipeline M` cuts the weights into one file per tensor x
+pipeline rank; any layout loads the checkpoint either way (the cut only saves ranks slicing).
 """
 
 from __future__ import annotations
@@ -15,9 +16,10 @@ import argparse
 import sys
 from pathlib import Path
 
-from megatron_andromeda.config import ConfigError, load_config
+from megatron_andromeda.checkpoint import write_model_checkpoint
+from megatron_andromeda.checkpoint.reshard import relayout_config
+from megatron_andromeda.config import ConfigError, ModelConfig, RunConfig, load_config
 from megatron_andromeda.hf import ConversionError, load_hf_directory, run_config_for
-from megatron_andromeda.training.checkpoint import write_model_checkpoint
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -35,15 +37,15 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
-def check_layout(tensor: int, pipeline: int) -> None:
+def check_layout(tensor: int, pipeline: int, model: ModelConfig | None = None) -> None:
+    """The output layout must split the model: heads, FFN and vocabulary over tensor, layers over pipeline."""
     if tensor < 1 or pipeline < 1:
         raise ConversionError(f"--tensor {tensor} and --pipeline {pipeline} must be >= 1")
-    if tensor * pipeline > 1:
-        # Written only once sharded checkpoints exist; a full checkpoint labelled as sharded would be wrong.
-        raise ConversionError(
-            f"--tensor {tensor} --pipeline {pipeline}: resharded output is not available yet (checkpoints "
-            "are written unsharded for now); convert with --tensor 1 --pipeline 1"
-        )
+    if model is not None:
+        try:
+            relayout_config(RunConfig(model=model), tensor, pipeline)
+        except ConfigError as e:
+            raise ConversionError(f"--tensor {tensor} --pipeline {pipeline}: {e}") from e
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -55,9 +57,12 @@ def main(argv: list[str] | None = None) -> int:
             hf_dir / "tokenizer.json" if (hf_dir / "tokenizer.json").is_file() else None
         )
         model_cfg, state = load_hf_directory(hf_dir)
+        check_layout(args.tensor, args.pipeline, model_cfg)
         base = load_config(args.config) if args.config else None
         run_cfg = run_config_for(model_cfg, tokenizer, base)
-        output = write_model_checkpoint(args.output, run_cfg, state)
+        output = write_model_checkpoint(
+            args.output, run_cfg, state, tensor=args.tensor, pipeline=args.pipeline
+        )
     except (ConversionError, ConfigError, OSError) as e:
         print(f"convert_from_hf: error: {e}", file=sys.stderr)
         return 2

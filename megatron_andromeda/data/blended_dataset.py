@@ -68,6 +68,8 @@ class BlendedDataset(torch.utils.data.Dataset):
         dataset_sample_index: np.ndarray,
     ) -> None:
         self.datasets = list(datasets)
+        # Labels of the sources for per-source logging (the builder sets them from the prefixes).
+        self.source_names = [f"source{k}" for k in range(len(self.datasets))]
         self.weights = weights
         self.dataset_index = dataset_index
         self.dataset_sample_index = dataset_sample_index

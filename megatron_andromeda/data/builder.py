@@ -9,12 +9,13 @@ files exist, their structure is sound, and the largest token id fits `model.voca
 from __future__ import annotations
 
 import os
+from pathlib import Path
 
 import numpy as np
 import torch
 import torch.distributed as dist
 
-from megatron_andromeda.config import DataConfig
+from megatron_andromeda.config import ConfigError, DataConfig
 from megatron_andromeda.data.blended_dataset import BlendedDataset, samples_needed
 from megatron_andromeda.data.gpt_dataset import GPTDataset
 from megatron_andromeda.data.indexed_dataset import (
@@ -103,6 +104,23 @@ def build_datasets(
     return tuple(out)
 
 
+def check_chat_mix(data_cfg: DataConfig, split: str, blend: list[tuple[float, str]]) -> None:
+    """Chat and plain sources in one blend need per-document positions and attention for both.
+
+    Chat samples always carry `segment_ids` and restarted `position_ids`; plain samples carry them
+    only with both reset flags, and a batch needs the same fields in every sample.
+    """
+    chat = [prefix for _, prefix in blend if is_chat_dataset(prefix)]
+    plain = [prefix for _, prefix in blend if prefix not in chat]
+    if chat and plain and not (data_cfg.reset_attention_mask and data_cfg.reset_position_ids):
+        raise ConfigError(
+            f"data.{split} mixes chat datasets ({chat[0]}) with plain ones ({plain[0]}): set "
+            "data.reset_attention_mask=true and data.reset_position_ids=true (a stage's "
+            "reset_attention_mask / reset_position_ids) so that every sample keeps attention and "
+            "positions within its own document"
+        )
+
+
 def _build_split(
     data_cfg: DataConfig,
     tokenizer: Tokenizer,
@@ -113,6 +131,7 @@ def _build_split(
     seq_length: int,
     group: dist.ProcessGroup | None,
 ) -> torch.utils.data.Dataset:
+    check_chat_mix(data_cfg, split, blend)
     weights = [w for w, _ in blend]
     per_source = [num_samples] if len(blend) == 1 else samples_needed(weights, num_samples).tolist()
     sources = []
@@ -141,4 +160,18 @@ def _build_split(
                 group=group,
             )
         )
-    return sources[0] if len(sources) == 1 else BlendedDataset(sources, weights, num_samples)
+    if len(sources) == 1:
+        return sources[0]
+    blended = BlendedDataset(sources, weights, num_samples)
+    blended.source_names = source_labels([prefix for _, prefix in blend])
+    return blended
+
+
+def source_labels(prefixes: list[str]) -> list[str]:
+    """Short unique names for logging: 'en' for data/c4/en_text_document, 'c4/en' if 'en' repeats."""
+    parts = [Path(p.removesuffix("_text_document")).parts for p in prefixes]
+    for depth in range(1, max(len(p) for p in parts) + 1):
+        labels = ["/".join(p[-depth:]) for p in parts]
+        if len(set(labels)) == len(labels):
+            return labels
+    return [f"{k}:{label}" for k, label in enumerate(labels)]  # the same prefix listed twice

@@ -136,10 +136,11 @@ def _read_safetensors(path: Path) -> StateDict:
 def read_checkpoint(path: str | os.PathLike) -> tuple[RunConfig, StateDict]:
     """The run config and FULL model state of a checkpoint, whatever its layout.
 
-    The single place that knows checkpoint layouts: when sharded (tensor x pipeline) checkpoints
-    exist, merging them belongs here (KV heads replicated across tensor ranks taken once).
+    Sharded checkpoints (any tensor x pipeline x data layout) are merged from the global boxes
+    their metadata gives, so replicated values (norms, KV heads shared by tensor ranks) are read
+    once (megatron_andromeda.checkpoint).
     """
-    from megatron_andromeda.training.checkpoint import read_model_state
+    from megatron_andromeda.checkpoint import read_model_state
 
     return read_model_state(path)
 

@@ -160,10 +160,19 @@ def language_model_loss(
     denom = mask.sum().clamp(min=1.0)
     lm_loss = (ce * mask).sum() / denom
     total = lm_loss
-    parts = {"lm_loss": lm_loss.detach()}
+    parts = {"lm_loss": lm_loss.detach(), **sample_totals(ce, mask, labels.shape[0])}
     if z_loss > 0:
         log_z = torch.logsumexp(flat, dim=-1)
         z = (log_z.square() * mask).sum() / denom
         total = total + z_loss * z
         parts["z_loss"] = z.detach()
     return total, parts
+
+
+def sample_totals(token_losses: torch.Tensor, mask: torch.Tensor, batch_size: int) -> dict[str, torch.Tensor]:
+    """Each sample's summed cross-entropy and loss-token count (detached): the trainer builds
+    per-source losses of a blended batch from them."""
+    return {
+        "sample_loss_sum": (token_losses.detach() * mask).reshape(batch_size, -1).sum(dim=1),
+        "sample_tokens": mask.reshape(batch_size, -1).sum(dim=1),
+    }

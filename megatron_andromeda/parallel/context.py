@@ -274,6 +274,24 @@ class ParallelContext:
 
 
 # --------------------------------------------------------------------------------------------- launch
+def restart_safe_store(world_size: int, timeout: timedelta) -> dist.Store | None:
+    """torchrun's own store, under a key prefix per restart attempt (None: rendezvous as env:// does).
+
+    torchrun (`--max-restarts`) hands its workers the agent's TCPStore and keeps it across restarts;
+    the default process group's keys carry no attempt number, so a restarted gloo worker can read
+    the dead attempt's addresses and fail to connect (seen with torch 2.13). A prefix per attempt
+    keeps the attempts apart.
+    """
+    attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT")
+    if attempt is None or os.environ.get("TORCHELASTIC_USE_AGENT_STORE") != "True":
+        return None
+    agent_store = dist.TCPStore(
+        os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), world_size,
+        is_master=False, timeout=timeout,
+    )  # fmt: skip
+    return dist.PrefixStore(f"andromeda/attempt{attempt}", agent_store)
+
+
 def init_parallel(run_cfg: RunConfig) -> ParallelContext:
     """Build the context for this process from torchrun's environment (RANK, WORLD_SIZE, LOCAL_RANK).
 
@@ -300,6 +318,7 @@ def init_parallel(run_cfg: RunConfig) -> ParallelContext:
         world_size=world_size,
         timeout=timeout,
         device_id=device if use_cuda else None,
+        store=restart_safe_store(world_size, timeout),
     )
     ctx = ParallelContext.build(
         layout,

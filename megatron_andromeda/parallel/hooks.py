@@ -120,6 +120,7 @@ def build_parallel_hooks(
         grad_norm=lambda grads: optimizer.grad_norm(),  # reads the reduced fp32 shards, not `grads`
         mean_across_data=partial(mean_across_group, group=ctx.dp_group),
         any_rank_true=partial(any_rank_true, group=world, device=optimizer.device),
+        rng=ctx.rng,
     )
 
 

@@ -32,7 +32,7 @@ import torch
 from torch import nn
 
 from megatron_andromeda.config import ConfigError, ParallelConfig
-from megatron_andromeda.models.gpt import GPTModel, language_model_loss
+from megatron_andromeda.models.gpt import GPTModel, language_model_loss, sample_totals
 from megatron_andromeda.parallel.context import ParallelContext, check_tensor_parallel
 from megatron_andromeda.parallel.mappings import (
     all_reduce_,
@@ -216,7 +216,7 @@ def _vocab_parallel_loss(logits, labels, loss_mask=None, z_loss=0.0, *, group, r
     mask = torch.ones_like(ce) if loss_mask is None else loss_mask.reshape(-1).float()
     denom = mask.sum().clamp(min=1.0)
     lm_loss = (ce * mask).sum() / denom
-    total, parts = lm_loss, {"lm_loss": lm_loss.detach()}
+    total, parts = lm_loss, {"lm_loss": lm_loss.detach(), **sample_totals(ce, mask, labels.shape[0])}
     if z_loss > 0:
         z = (lse.square() * mask).sum() / denom
         total = total + z_loss * z

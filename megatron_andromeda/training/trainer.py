@@ -17,6 +17,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -52,10 +53,26 @@ class ParallelHooks:
     mean_across_data: Callable[[torch.Tensor], torch.Tensor] = lambda t: t
     any_rank_true: Callable[[bool], bool] = lambda flag: flag
     loss_scaler: Any = None  # fp16 across ranks: parallel.mixed_precision.DynamicLossScaler
+    rng: Any = None  # parallel.random.RNGTracker: its states are saved in and restored from checkpoints
 
     def __post_init__(self):
         if self.schedule is None:
             self.schedule = no_pipelining
+
+
+def source_names(dataset: Any) -> list[str]:
+    """The blend's source labels (data.blended_dataset.BlendedDataset); one unnamed source otherwise."""
+    return list(getattr(dataset, "source_names", [""]))
+
+
+def per_source_totals(
+    parts: dict[str, torch.Tensor], source_id: torch.Tensor, num_sources: int
+) -> torch.Tensor:
+    """(2, num_sources): summed loss and loss tokens of the micro-batch per blend source."""
+    totals = torch.zeros(2, num_sources, device=source_id.device)
+    totals[0].index_add_(0, source_id, parts["sample_loss_sum"].float())
+    totals[1].index_add_(0, source_id, parts["sample_tokens"].float())
+    return totals
 
 
 def no_pipelining(
@@ -121,6 +138,10 @@ class Trainer:
         self.scaler = (self.hooks.loss_scaler or torch.amp.GradScaler(device.type)) if fp16 else None
         # What the optimizer updates: the model's parameters, or fp32 master copies in parallel runs.
         self.params = [p for group in optimizer.param_groups for p in group["params"]]
+        self.num_sources = len(source_names(train_data))
+        self.checkpointer = ckpt.Checkpointer(
+            cfg, ckpt.Placement.from_config(cfg), rng_tracker=self.hooks.rng
+        )
 
     # ------------------------------------------------------------------------------------------ data
     def micro_batches(self, step_start_sample: int, dataset: Any | None = None):
@@ -137,10 +158,12 @@ class Trainer:
             yield self._collate(source, range(first + m * mbs, first + (m + 1) * mbs))
 
     def _collate(self, dataset: Any, indices: range) -> dict[str, torch.Tensor]:
-        samples = [dataset[i % len(dataset)] for i in indices]
-        return {
-            k: torch.stack([s[k] for s in samples]).to(self.device, non_blocking=True) for k in samples[0]
-        }
+        positions = [i % len(dataset) for i in indices]
+        samples = [dataset[i] for i in positions]
+        batch = {k: torch.stack([s[k] for s in samples]) for k in samples[0]}
+        if dataset is self.train_data and self.num_sources > 1:  # each sample's source: per-source loss
+            batch["source_id"] = torch.from_numpy(dataset.dataset_index[positions].astype(np.int64))
+        return {k: v.to(self.device, non_blocking=True) for k, v in batch.items()}
 
     # ------------------------------------------------------------------------------------------ steps
     def forward_step(self, data_iterator, model: nn.Module):
@@ -159,6 +182,8 @@ class Trainer:
             loss, parts = self.loss_fn(
                 logits, batch["labels"], batch.get("loss_mask"), z_loss=self.cfg.model.z_loss
             )
+            if "source_id" in batch and "sample_loss_sum" in parts:
+                parts["per_source"] = per_source_totals(parts, batch["source_id"], self.num_sources)
             scaled = loss / self.accumulation_steps
             return (self.scaler.scale(scaled) if self.scaler else scaled), parts
 
@@ -186,6 +211,7 @@ class Trainer:
             else torch.zeros((), device=self.device)
         )
         loss = self.hooks.mean_across_data(self.hooks.loss_from_last_stage(local))
+        source_losses = self._source_losses(parts)
         finite = math.isfinite(loss.item()) and math.isfinite(grad_norm.item())
         skip = self.hooks.any_rank_true(not finite)
         if skip:
@@ -201,7 +227,21 @@ class Trainer:
             self.scaler.update()
         self.state.step += 1
         self.state.consumed_samples += tc.global_batch_size
-        return {"loss": loss.item(), "lr": lr, "grad_norm": grad_norm.item(), "skipped": float(skip)}
+        metrics = {"loss": loss.item(), "lr": lr, "grad_norm": grad_norm.item(), "skipped": float(skip)}
+        return {**metrics, **source_losses}
+
+    def _source_losses(self, parts: list[dict[str, torch.Tensor]]) -> dict[str, float]:
+        """`loss/<source>` of each blend source in this step's global batch (absent: no tokens)."""
+        if self.num_sources < 2:
+            return {}
+        totals = torch.zeros(2, self.num_sources, device=self.device)
+        for p in parts:
+            totals += p.get("per_source", 0)
+        # The ratio is unchanged by the mean across data ranks: both rows are divided alike.
+        totals = self.hooks.mean_across_data(self.hooks.loss_from_last_stage(totals))
+        loss_sum, tokens = totals.tolist()
+        names = source_names(self.train_data)
+        return {f"loss/{names[k]}": loss_sum[k] / n for k, n in enumerate(tokens) if n > 0}
 
     def _grad_norm(self) -> torch.Tensor:
         grads = [p.grad for p in self.params if p.grad is not None]
@@ -292,6 +332,7 @@ class Trainer:
             if exiting:
                 self.logger.print(f"train.exit_interval={tc.exit_interval}: exiting at step {step}")
                 break
+        self.checkpointer.wait()  # a background save must be committed before the process may exit
         return self.state
 
     def _speed_metrics(self, m: dict, elapsed: float, steps: int, run_start: float, start_step: int) -> dict:
@@ -328,21 +369,24 @@ class Trainer:
         return step == self.cfg.train.steps or (cc.save_interval > 0 and step % cc.save_interval == 0)
 
     def save(self) -> Path:
-        cc = self.cfg.checkpoint
-        path = ckpt.save_checkpoint(
-            cc.save_dir,
-            self.state.step,
-            self.cfg,
-            self.model,
-            self.optimizer,
-            self.trainer_state(),
-            cc.keep_last,
-        )
-        self.logger.print(f"saved checkpoint {path}")
+        """Save this step (in the background with checkpoint.async_save; the run's last save blocks)."""
+        tc, step = self.cfg.train, self.state.step
+        last = step >= tc.steps or (tc.exit_interval > 0 and step % tc.exit_interval == 0)
+        path = self.checkpointer.save(step, self.model, self.optimizer, self.trainer_state(), blocking=last)
+        self.logger.print(f"saved checkpoint {path}" if not self.checkpointer.in_flight
+                          else f"saving checkpoint {path} in the background")  # fmt: skip
         return path
 
     def trainer_state(self) -> dict[str, Any]:
-        state = asdict(self.state)
+        """The loop's JSON state; the data position is consumed_samples (micro_batches reads from it)."""
+        state: dict[str, Any] = asdict(self.state)
+        state["scheduler"] = {
+            "lr_step_offset": self.lr_step_offset,
+            "lr_total_steps": self.lr_total_steps,
+            "next_lr": learning_rate(
+                self.lr_step_offset + self.state.step, self.cfg.optim, self.lr_total_steps
+            ),
+        }
         if self.scaler is not None:
             state["grad_scaler"] = {
                 k: v for k, v in self.scaler.state_dict().items() if not torch.is_tensor(v)
@@ -350,10 +394,17 @@ class Trainer:
         return state
 
     def resume(self, path: str | Path) -> bool:
-        """Restore model, optimizer, RNG and loop state from the newest complete checkpoint under path."""
+        """Restore model, optimizer, RNG and loop state from the newest complete checkpoint under path.
+
+        The checkpoint may come from any tensor x pipeline x data layout; RNG states are restored
+        when the layout is the same.
+        """
         if ckpt.resolve_checkpoint(path) is None:
             return False
-        state = ckpt.load_checkpoint(path, self.model, self.optimizer)
+        state = ckpt.load_checkpoint(
+            path, self.model, self.optimizer, placement=ckpt.Placement.from_config(self.cfg),
+            rng_tracker=self.hooks.rng, tokenizer=self.cfg.data.tokenizer,
+        )  # fmt: skip
         for key in asdict(self.state):
             setattr(self.state, key, state.get(key, getattr(self.state, key)))
         if self.scaler is not None and "grad_scaler" in state:

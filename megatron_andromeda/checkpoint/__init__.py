@@ -1,0 +1,64 @@
+"""Distributed checkpoints: every rank writes its own shards; any layout loads any checkpoint.
+
+A checkpoint directory (`step_00000100/` under a save root whose `latest` names the newest):
+
+    config.json                     the resolved RunConfig
+    trainer_state.json              step, consumed samples (the data position), skipped steps, loss
+                                    scaler, learning-rate schedule, sha256 of the tokenizer file
+    model[-rankNNNNN].safetensors   weight pieces written by that rank
+    optimizer[-rankNNNNN].safetensors   Adam moments (and fp32 masters) pieces
+    rng[-rankNNNNN].json            every random state of that rank
+    metadata.json                   layout, and for every tensor its global shape, dtype and pieces
+                                    (file, key, offsets, shape: a box of the global tensor)
+    manifest.json                   size and sha256 of every file above; written last
+
+One process writes `model.safetensors`, `optimizer.safetensors`, `rng.json`. Tensors are stored
+with safetensors and everything else as JSON, so loading never unpickles anything. Why not
+torch.distributed.checkpoint: its metadata file is a pickle, and its placements (DTensor shards)
+cannot express our tensor-parallel layouts (a rank's fused qkv is three separate row ranges, and
+multi-query KV heads are replicated on some ranks only); global boxes express both.
+
+Modules: storage (files, atomic commit, `latest`, verification), slices (shard specs, global boxes),
+state (who writes what, RNG), saver (Checkpointer, sync and async), loader (any layout into any
+model and optimizer), reshard (offline layout changes, weights-only checkpoints).
+"""
+
+from megatron_andromeda.checkpoint.loader import (
+    CheckpointReader,
+    load_checkpoint,
+    load_model_weights,
+    open_checkpoint,
+    read_model_state,
+)
+from megatron_andromeda.checkpoint.reshard import reshard_checkpoint, write_model_checkpoint
+from megatron_andromeda.checkpoint.saver import Checkpointer, save_checkpoint
+from megatron_andromeda.checkpoint.state import Placement
+from megatron_andromeda.checkpoint.storage import (
+    LATEST,
+    MANIFEST,
+    METADATA,
+    CheckpointError,
+    resolve_checkpoint,
+    step_dir_name,
+    verify_checkpoint,
+)
+
+__all__ = [
+    "LATEST",
+    "MANIFEST",
+    "METADATA",
+    "CheckpointError",
+    "CheckpointReader",
+    "Checkpointer",
+    "Placement",
+    "load_checkpoint",
+    "load_model_weights",
+    "open_checkpoint",
+    "read_model_state",
+    "reshard_checkpoint",
+    "resolve_checkpoint",
+    "save_checkpoint",
+    "step_dir_name",
+    "verify_checkpoint",
+    "write_model_checkpoint",
+]

@@ -1,0 +1,216 @@
+"""Text normalisation and document quality rules (Gopher / C4 style), each switchable.
+
+`clean_text` repairs what can be repaired (Unicode normal form, control characters); `quality_reason`
+then returns the name of the first rule a document breaks, or None. Rules run cheapest first and stop
+at the first failure, so bad documents cost little. Every threshold can be set to None to switch its
+rule off. Defaults follow Rae et al. 2021 (Gopher, appendix A.1.1), word-level rules use ASCII
+whitespace-separated words (`words.py`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+import unicodedata
+from collections import Counter
+from dataclasses import dataclass, field
+from itertools import repeat
+
+from megatron_andromeda.preprocess.words import Words, covered_words, duplicate_mask, split_words, top_count
+
+# C0 controls but tab/newline/carriage return, DEL, C1 controls; also the BOM/zero-width no-break space.
+_CONTROL = re.compile("[\x00-\x08\x0b\x0c\x0e-\x1f\x7f-\x9f\ufeff]")
+_BULLETS = ("-", "*", "\u2022", "\u25cf", "\u25e6", "\u2023", "\u2043", "\u25aa", "\u2219", "\u00b7")
+_ELLIPSES = ("...", "\u2026")
+_PARAGRAPH_BREAK = re.compile(r"\n\s*\n")
+UNICODE_FORMS = ("NFC", "NFKC", "NFD", "NFKD")
+
+
+@dataclass(frozen=True)
+class CleaningConfig:
+    """Normalisation switches and quality thresholds; a threshold of None switches its rule off."""
+
+    unicode_form: str | None = "NFC"
+    strip_control_chars: bool = True
+    min_chars: int | None = None
+    max_chars: int | None = None
+    min_words: int | None = 50
+    max_words: int | None = 100_000
+    min_mean_word_length: float | None = 3.0
+    max_mean_word_length: float | None = 10.0
+    max_symbol_word_ratio: float | None = 0.1  # '#' or ellipses per word
+    max_bullet_lines_ratio: float | None = 0.9
+    max_ellipsis_lines_ratio: float | None = 0.3
+    min_alpha_words_ratio: float | None = 0.8
+    max_duplicate_lines_ratio: float | None = 0.3
+    max_duplicate_line_chars_ratio: float | None = 0.2
+    max_duplicate_paragraphs_ratio: float | None = 0.3
+    max_duplicate_paragraph_chars_ratio: float | None = 0.2
+    # n -> highest allowed fraction of characters in the most frequent word n-gram
+    max_top_ngram_chars_ratio: dict[int, float] = field(default_factory=lambda: {2: 0.20, 3: 0.18, 4: 0.16})
+    # n -> highest allowed fraction of characters inside word n-grams that occur more than once
+    max_duplicate_ngram_chars_ratio: dict[int, float] = field(
+        default_factory=lambda: {5: 0.15, 6: 0.14, 7: 0.13, 8: 0.12, 9: 0.11, 10: 0.10}
+    )
+    drop_lorem_ipsum: bool = True  # C4
+
+    def __post_init__(self) -> None:
+        if self.unicode_form is not None and self.unicode_form not in UNICODE_FORMS:
+            raise ValueError(
+                f"cleaning unicode_form {self.unicode_form!r}: use one of {UNICODE_FORMS} or None"
+            )
+        for low, high in (("min_chars", "max_chars"), ("min_words", "max_words")):
+            lo, hi = getattr(self, low), getattr(self, high)
+            if (lo is not None and lo < 0) or (hi is not None and hi < 0):
+                raise ValueError(f"cleaning {low}/{high} must be non-negative, got {lo}/{hi}")
+            if lo is not None and hi is not None and lo > hi:
+                raise ValueError(f"cleaning {low}={lo} is larger than {high}={hi}")
+        ratios = {
+            f.name: getattr(self, f.name)
+            for f in dataclasses.fields(self)
+            if f.name.endswith("_ratio") and not isinstance(getattr(self, f.name), dict)
+        }
+        ratios.update({f"top {n}-gram": v for n, v in self.max_top_ngram_chars_ratio.items()})
+        ratios.update({f"duplicate {n}-gram": v for n, v in self.max_duplicate_ngram_chars_ratio.items()})
+        for name, value in ratios.items():
+            if value is not None and not 0.0 <= value <= (1.0 if "symbol" not in name else float("inf")):
+                raise ValueError(f"cleaning {name}={value} must be a fraction in [0, 1]")
+        if any(n < 1 for n in [*self.max_top_ngram_chars_ratio, *self.max_duplicate_ngram_chars_ratio]):
+            raise ValueError("cleaning n-gram sizes must be >= 1")
+
+    def with_overrides(self, overrides: dict[str, str]) -> CleaningConfig:
+        """A copy with fields set from strings (CLI `--clean-set NAME=VALUE`); 'none' switches a rule off."""
+        fields = {f.name: f for f in dataclasses.fields(self)}
+        changes: dict[str, object] = {}
+        for name, raw in overrides.items():
+            if name not in fields:
+                raise ValueError(
+                    f"--clean-set {name}: unknown cleaning option; known: {', '.join(sorted(fields))}"
+                )
+            changes[name] = _parse_value(name, raw, getattr(self, name), fields[name].type)
+        return dataclasses.replace(self, **changes)
+
+
+def _parse_value(name: str, raw: str, current: object, annotation: str) -> object:
+    if raw.lower() in ("none", "off", "null"):
+        return {} if isinstance(current, dict) else None
+    try:
+        if "dict" in str(annotation):  # "5:0.15,6:0.14"
+            return {int(k): float(v) for k, v in (item.split(":") for item in raw.split(",") if item)}
+        if "bool" in str(annotation):
+            if raw.lower() not in ("true", "false", "1", "0", "yes", "no"):
+                raise ValueError(raw)
+            return raw.lower() in ("true", "1", "yes")
+        if "int" in str(annotation):
+            return int(raw)
+        if "float" in str(annotation):
+            return float(raw)
+        return raw
+    except ValueError as e:
+        raise ValueError(f"--clean-set {name}={raw}: cannot parse as {annotation}") from e
+
+
+def clean_text(text: str, config: CleaningConfig) -> str:
+    """Normalised `text`: Unicode normal form, control characters removed."""
+    if config.unicode_form is not None and not unicodedata.is_normalized(config.unicode_form, text):
+        text = unicodedata.normalize(config.unicode_form, text)
+    if config.strip_control_chars:
+        text = _CONTROL.sub("", text)
+    return text
+
+
+def _duplicates(items: list[str]) -> tuple[int, int]:
+    """(number of items, characters in them) that repeat an earlier item."""
+    counts = Counter(items)
+    dup_items = sum(c - 1 for c in counts.values())
+    dup_chars = sum(len(s) * (c - 1) for s, c in counts.items() if c > 1)
+    return dup_items, dup_chars
+
+
+def _above(value: float, limit: float | None) -> bool:
+    return limit is not None and value > limit
+
+
+def _below(value: float, limit: float | None) -> bool:
+    return limit is not None and value < limit
+
+
+def _word_rules(words: Words, config: CleaningConfig) -> str | None:
+    n = len(words)
+    if _below(n, config.min_words):
+        return "too_few_words"
+    if _above(n, config.max_words):
+        return "too_many_words"
+    if n == 0:
+        return None
+    mean = float(words.chars.sum()) / n
+    if _below(mean, config.min_mean_word_length) or _above(mean, config.max_mean_word_length):
+        return "mean_word_length"
+    if _below(float(words.has_alpha.mean()), config.min_alpha_words_ratio):
+        return "alpha_words"
+    return None
+
+
+def _line_rules(text: str, num_words: int, config: CleaningConfig) -> str | None:
+    if num_words and config.max_symbol_word_ratio is not None:
+        hashes, ellipses = text.count("#"), sum(text.count(e) for e in _ELLIPSES)
+        if max(hashes, ellipses) / num_words > config.max_symbol_word_ratio:
+            return "symbol_ratio"
+    # map() over unbound str methods keeps these passes out of the Python interpreter loop.
+    lines = list(filter(None, map(str.strip, text.split("\n"))))
+    if not lines:
+        return None
+    if _above(sum(map(str.startswith, lines, repeat(_BULLETS))) / len(lines), config.max_bullet_lines_ratio):
+        return "bullet_lines"
+    if _above(sum(map(str.endswith, lines, repeat(_ELLIPSES))) / len(lines), config.max_ellipsis_lines_ratio):
+        return "ellipsis_lines"
+    total_chars = max(1, sum(map(len, lines)))
+    dup, dup_chars = _duplicates(lines)
+    if _above(dup / len(lines), config.max_duplicate_lines_ratio):
+        return "duplicate_lines"
+    if _above(dup_chars / total_chars, config.max_duplicate_line_chars_ratio):
+        return "duplicate_line_chars"
+    paragraphs = list(filter(None, map(str.strip, _PARAGRAPH_BREAK.split(text))))
+    dup, dup_chars = _duplicates(paragraphs)
+    if _above(dup / max(1, len(paragraphs)), config.max_duplicate_paragraphs_ratio):
+        return "duplicate_paragraphs"
+    if _above(dup_chars / total_chars, config.max_duplicate_paragraph_chars_ratio):
+        return "duplicate_paragraph_chars"
+    return None
+
+
+def _ngram_rules(words: Words, config: CleaningConfig) -> str | None:
+    total = float(words.chars.sum())
+    if total == 0:
+        return None
+    for n, limit in sorted(config.max_top_ngram_chars_ratio.items()):
+        grams = words.ngram_hashes(n)
+        if grams.size < 2:
+            continue
+        count, first = top_count(grams)
+        if count > 1 and count * float(words.chars[first : first + n].sum()) / total > limit:
+            return f"top_{n}gram"
+    # Characters covered by duplicated n-grams shrink as n grows, so once the smallest n is below
+    # every remaining limit, the larger n cannot fail and are skipped.
+    items = sorted(config.max_duplicate_ngram_chars_ratio.items())
+    for i, (n, limit) in enumerate(items):
+        dup = duplicate_mask(words.ngram_hashes(n))
+        fraction = float(words.chars[covered_words(dup, n, len(words))].sum()) / total if dup.any() else 0.0
+        if fraction > limit:
+            return f"duplicate_{n}gram"
+        if all(fraction <= later for _, later in items[i + 1 :]):
+            break
+    return None
+
+
+def quality_reason(text: str, config: CleaningConfig, words: Words | None = None) -> str | None:
+    """The first quality rule `text` breaks, or None. `words` is `split_words(text)` when at hand."""
+    if _below(len(text), config.min_chars):
+        return "too_short"
+    if _above(len(text), config.max_chars):
+        return "too_long"
+    if config.drop_lorem_ipsum and "lorem ipsum" in text.lower():
+        return "lorem_ipsum"
+    if words is None:
+        words = split_words(text.encode("utf-8"), ascii_only=text.isascii())
+    return _word_rules(words, config) or _line_rules(text, len(words), config) or _ngram_rules(words, config)

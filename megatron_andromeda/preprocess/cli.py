@@ -1,0 +1,134 @@
+"""Command line of `tools/preprocess_data.py`: flags -> `PreprocessConfig` -> `pipeline.run`."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from megatron_andromeda.preprocess.cleaning import CleaningConfig
+from megatron_andromeda.preprocess.dedup import MinHasher
+from megatron_andromeda.preprocess.pipeline import PreprocessConfig, run
+from megatron_andromeda.preprocess.readers import InputError
+from megatron_andromeda.preprocess.report import summary_lines
+from megatron_andromeda.preprocess.split import parse_split
+
+EPILOG = """\
+outputs: PREFIX_{train,valid,test}_KEY_document.{bin,idx} (one dataset per split and --json-keys key;
+PREFIX_KEY_document with --no-split or a single non-zero split) and the sidecar PREFIX.json, written
+last: a run is complete when its sidecar exists.
+
+cleaning options (--clean-set NAME=VALUE, 'none' switches a rule off): see CleaningConfig in
+megatron_andromeda/preprocess/cleaning.py, e.g. --clean-set min_alpha_words_ratio=none
+--clean-set max_duplicate_ngram_chars_ratio=5:0.2,10:0.1
+"""
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="preprocess_data.py",
+        description="Clean, deduplicate, split and tokenize text corpora into Megatron .bin/.idx datasets.",
+        epilog=EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    io = p.add_argument_group("input / output")
+    io.add_argument(
+        "--input",
+        nargs="+",
+        required=True,
+        metavar="FILE_OR_GLOB",
+        help="JSONL (.jsonl/.json, optionally .gz/.zst), Parquet, or a datasets.save_to_disk dir",
+    )
+    io.add_argument("--json-keys", nargs="+", default=["text"], metavar="KEY", help="text field(s)")
+    io.add_argument("--output-prefix", required=True)
+    io.add_argument("--tokenizer", required=True, help="tokenizer.json (HF fast) or SentencePiece .model")
+    io.add_argument("--append-eod", action="store_true", help="end every document with the EOD token")
+    run_group = p.add_argument_group("execution")
+    run_group.add_argument("--workers", type=int, default=2, help="worker processes (0: in the main process)")
+    run_group.add_argument(
+        "--threads-per-worker",
+        type=int,
+        default=None,
+        help="tokenizer threads per worker (default: cores / workers)",
+    )
+    run_group.add_argument("--chunk-mb", type=float, default=1.0, help="JSONL chunk size sent to a worker")
+    split = p.add_argument_group("split")
+    split.add_argument("--split", default="98,1,1", help="train,valid,test weights (default 98,1,1)")
+    split.add_argument("--no-split", action="store_true", help="one dataset, Megatron naming")
+    clean = p.add_argument_group("cleaning")
+    clean.add_argument("--no-clean", action="store_true", help="no normalisation or quality rules")
+    clean.add_argument("--min-chars", type=int, default=None)
+    clean.add_argument("--max-chars", type=int, default=None)
+    clean.add_argument("--min-words", type=int, default=None)
+    clean.add_argument("--max-words", type=int, default=None)
+    clean.add_argument("--unicode-form", default=None, help="NFC (default), NFKC, NFD, NFKD or none")
+    clean.add_argument(
+        "--clean-set",
+        action="append",
+        default=[],
+        metavar="NAME=VALUE",
+        help="set any CleaningConfig field (repeatable)",
+    )
+    dedup = p.add_argument_group("deduplication")
+    dedup.add_argument("--no-dedup", action="store_true", help="neither exact nor near-duplicate removal")
+    dedup.add_argument("--no-exact-dedup", action="store_true")
+    dedup.add_argument("--no-near-dedup", action="store_true")
+    dedup.add_argument("--minhash-threshold", type=float, default=0.8, help="Jaccard similarity of near-dups")
+    dedup.add_argument("--minhash-perm", type=int, default=128, help="MinHash signature length")
+    dedup.add_argument("--minhash-ngram", type=int, default=5, help="words per shingle")
+    p.add_argument("--max-samples", type=int, default=10, help="file:line samples kept per drop reason")
+    return p  # fmt: skip
+
+
+def _cleaning(args: argparse.Namespace) -> CleaningConfig | None:
+    if args.no_clean:
+        return None
+    overrides = {}
+    for item in args.clean_set:
+        name, sep, value = item.partition("=")
+        if not sep:
+            raise ValueError(f"--clean-set {item!r}: expected NAME=VALUE")
+        overrides[name.strip()] = value.strip()
+    for flag in ("min_chars", "max_chars", "min_words", "max_words", "unicode_form"):
+        if getattr(args, flag) is not None:
+            overrides[flag] = str(getattr(args, flag))
+    return CleaningConfig().with_overrides(overrides)
+
+
+def config_from_args(args: argparse.Namespace) -> PreprocessConfig:
+    minhash = None
+    if not (args.no_dedup or args.no_near_dedup):
+        minhash = MinHasher(
+            num_perm=args.minhash_perm, ngram=args.minhash_ngram, threshold=args.minhash_threshold
+        )
+    if args.chunk_mb <= 0:
+        raise ValueError(f"--chunk-mb {args.chunk_mb}: must be positive")
+    return PreprocessConfig(
+        inputs=tuple(args.input),
+        output_prefix=args.output_prefix,
+        tokenizer=args.tokenizer,
+        json_keys=tuple(args.json_keys),
+        workers=args.workers,
+        threads_per_worker=args.threads_per_worker,
+        split=None if args.no_split else parse_split(args.split),
+        append_eod=args.append_eod,
+        cleaning=_cleaning(args),
+        exact_dedup=not (args.no_dedup or args.no_exact_dedup),
+        minhash=minhash,
+        chunk_bytes=int(args.chunk_mb * (1 << 20)),
+        max_samples=args.max_samples,
+    )
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        config = config_from_args(args)
+        report = run(config)
+    except (ValueError, InputError, FileNotFoundError) as e:
+        print(f"preprocess_data.py: error: {e}", file=sys.stderr)
+        return 2
+    for line in summary_lines(report):
+        print(line)
+    print(f"sidecar: {config.sidecar_path()}")
+    return 0
