@@ -316,6 +316,12 @@ class RunConfig:
         names = [stage.name for stage in self.stages]
         if len(set(names)) != len(names):
             raise ConfigError(f"stage names must be unique, got {names}")
+        tp = self.parallel.tensor
+        if self.parallel.sequence_parallel and self.data.seq_length % tp:
+            raise ConfigError(
+                f"parallel.sequence_parallel splits the sequence over parallel.tensor={tp} ranks but "
+                f"data.seq_length={self.data.seq_length} is not a multiple of it"
+            )
         if self.data.seq_length > self.model.max_seq_length and self.model.position_embedding == "rotary":
             raise ConfigError(
                 f"data.seq_length={self.data.seq_length} exceeds "

@@ -348,7 +348,8 @@ def step_time(
     reduces = 4 + (2 if layout.recompute == "full" else 0)  # per layer: 2 forward, 2 backward
     tensor_comm = num_micro * (layers * reduces + 2) * _ring_seconds(act, t, intra)
     pp_link = intra if t * dp * pp <= gpn else inter
-    pipeline_comm = 0.0 if pp == 1 else num_micro * 2 * act / (pp_link * 1e9)
+    stage_message = act / (t if layout.sequence_parallel else 1)  # SP: each rank sends its sequence chunk
+    pipeline_comm = 0.0 if pp == 1 else num_micro * 2 * stage_message / (pp_link * 1e9)
     bubble = (pp - 1) / (layout.virtual_stages * num_micro) * (compute + tensor_comm)
     # A data group that spans nodes has gpn / t members per node; NCCL's rings use all their NICs.
     dp_link = intra if t * dp <= gpn else min(intra, inter * max(1, gpn // t))

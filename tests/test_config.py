@@ -80,6 +80,13 @@ def test_impossible_values_name_the_field(override, field):
     assert field in str(err.value)
 
 
+def test_sequence_parallel_needs_a_divisible_sequence():
+    overrides = ["parallel.tensor=4", "parallel.sequence_parallel=true", "data.seq_length=1022"]
+    with pytest.raises(ConfigError, match="data.seq_length=1022 is not a multiple of it"):
+        load_config(None, overrides)
+    assert load_config(None, [*overrides[:2], "data.seq_length=1024"]).parallel.sequence_parallel
+
+
 def test_resolved_config_written_as_json(tmp_path):
     cfg = load_config(None, ["model=andromeda-100m", "train.steps=5"])
     path = save_resolved_config(cfg, tmp_path / "run")

@@ -3,9 +3,8 @@
 Each architecture is exported from a tiny random Andromeda model, loaded by `transformers` and
 compared on random token batches (max |logit difference| < 1e-4) and on 20-token greedy
 continuations (ours with and without the KV cache against `transformers`' generate). Models that
-start life in `transformers` go HF -> Andromeda -> HF and must come back bit-identical. Checking
-the same from a tensor 2 x pipeline 2 checkpoint waits for sharded checkpoints (the merge goes in
-`megatron_andromeda.hf.directory.read_checkpoint`).
+start life in `transformers` go HF -> Andromeda -> HF and must come back bit-identical, also through
+a tensor 2 x pipeline 2 checkpoint (written by convert_from_hf, merged again by convert_to_hf).
 """
 
 import dataclasses
@@ -287,6 +286,12 @@ def test_tools_checkpoint_to_hf_to_checkpoint_and_generate(tmp_path, tokenizer_f
     assert (sharded_cfg.parallel.tensor, sharded_cfg.parallel.pipeline) == (2, 2)
     assert len(list((tmp_path / "x").glob("model-rank*.safetensors"))) == 4
     assert all(torch.equal(sharded_state[k], v) for k, v in ours.state_dict().items())
+    rc = run_tool("convert_to_hf", ["--checkpoint", str(tmp_path / "x"), "--output", str(tmp_path / "hf2")])
+    assert rc == 0, capsys.readouterr().err
+    capsys.readouterr()
+    first = load_file(tmp_path / "hf" / "model.safetensors")
+    second = load_file(tmp_path / "hf2" / "model.safetensors")
+    assert first.keys() == second.keys() and all(torch.equal(first[k], second[k]) for k in first)
 
     from megatron_andromeda.data.tokenizer import load_tokenizer
 

@@ -186,7 +186,15 @@ def run_case(
     forward_step = forward_step_for(cfg, microbatches)
     data = batches(cfg, microbatches)
     weights = {unprefixed(n): p.detach().clone() for n, p in model.named_parameters()}
-    parts = schedule(forward_step, iter(data), model, microbatches)
+    sent = []  # the outputs of non-last stages: the executor frees their values once sent
+
+    def recording_step(data_iterator, stage):
+        output, loss_fn = forward_step(data_iterator, stage)
+        if not stage.post_process:
+            sent.append(output)
+        return output, loss_fn
+
+    parts = schedule(recording_step, iter(data), model, microbatches)
     grads = {unprefixed(n): p.grad.clone() for n, p in model.named_parameters()}
     eval_parts = schedule(forward_step, iter(data), model, microbatches, forward_only=True)
     try:  # the executor re-checks the micro-batch count before communicating
@@ -200,6 +208,7 @@ def run_case(
         "weights": weights,
         "grads": grads,
         "too_few_microbatches": error,
+        "sent_sizes": [t.numel() for t in sent],
     }
 
 
@@ -254,6 +263,8 @@ def test_matches_single_process(pipeline_run):
             "loss parts off the last stage"
         )
         assert all("cannot fill" in s["too_few_microbatches"] for s in shards), label
+        sent = [n for s in shards for n in s["sent_sizes"]]
+        assert sent and set(sent) == {1}, f"{label}: sent activations kept their values: {sent}"
         tied = "lm_head.weight" not in ref["grads"]
         if tied:  # the last stage's head is a copy of the embedding; their gradients add up
             head, embedding = shards[-1], shards[0]

@@ -50,6 +50,9 @@ class GPTModel(nn.Module):
         else:
             self.rotary = None
             self.register_buffer("alibi_slopes", alibi_slopes(cfg.num_heads), persistent=False)
+        # A non-first pipeline stage under sequence parallelism receives 1/n of the sequence
+        # (parallel/parallelize.py sets n); attention masks and rotary tables need the full length.
+        self.input_sequence_shards = 1
         self.reset_parameters(init_seed)
 
     # ------------------------------------------------------------------------------------------ init
@@ -94,7 +97,7 @@ class GPTModel(nn.Module):
         incremental decoding (positions continue from `cache.length`).
         """
         h = self.embedding(x) if self.pre_process else x
-        T = h.shape[1]
+        T = h.shape[1] if self.pre_process else h.shape[1] * self.input_sequence_shards
         past = cache.length if cache is not None else 0
         inputs = self.attention_inputs(T, past, position_ids, segment_ids, h.device)
         for name, layer in self.layers.items():

@@ -16,10 +16,11 @@ the input of the block's `dropout`, which both block types apply to each branch 
 add. A parallel block therefore sums its attention and MLP partials and pays one collective each
 way per layer instead of two. Parameter names do not change, so checkpoints see the same keys.
 
-Sequence parallelism splits the sequence inside each stage: the embedding output (and a pipeline
-stage's input) is the full sequence, from which GPTModel reads T; the stage's first layer keeps its
-sequence chunk, and a non-last stage gathers the chunks after its last layer, so stages exchange
-full activations.
+Sequence parallelism splits the sequence from the first layer to the final norm: the embedding
+output is the full sequence, and the first layer keeps this rank's chunk of it. Pipeline stages
+exchange the chunks as they are (each tensor rank talks to the same tensor rank of the next stage),
+tp times fewer bytes than the full activation; a later stage is told that its input holds 1/tp of
+the sequence (`GPTModel.input_sequence_shards`).
 """
 
 from __future__ import annotations
@@ -36,7 +37,6 @@ from megatron_andromeda.models.gpt import GPTModel, language_model_loss, sample_
 from megatron_andromeda.parallel.context import ParallelContext, check_tensor_parallel
 from megatron_andromeda.parallel.mappings import (
     all_reduce_,
-    gather_from_sequence_parallel_region,
     scatter_to_sequence_parallel_region,
 )
 from megatron_andromeda.parallel.random import RNGTracker
@@ -163,11 +163,10 @@ def _split_sequence_inside_stage(model: GPTModel, ctx: ParallelContext) -> None:
             )
         return (scatter_to_sequence_parallel_region(x, group), *args[1:])
 
-    layers[0].register_forward_pre_hook(split)
-    if not model.post_process:  # hand the next stage the full sequence; its gradient comes back replicated
-        layers[-1].register_forward_hook(
-            lambda m, a, out: gather_from_sequence_parallel_region(out, group, False)
-        )
+    if model.pre_process:
+        layers[0].register_forward_pre_hook(split)
+    else:  # the previous stage sends its sequence chunk
+        model.input_sequence_shards = tp
 
 
 def _run_in_tensor_parallel_stream(module: nn.Module, rng: RNGTracker) -> None:

@@ -2,8 +2,8 @@
 
 Every message between stages is one tensor of a shape and dtype known before the step starts: the
 hidden states of one micro-batch, (micro_batch_size, seq_length, hidden_size), or their gradient.
-(Under sequence parallelism the stages still exchange the full sequence: the stage itself scatters
-it after its first layer and gathers it after its last, see parallel/parallelize.py.) So a receiver
+(Under sequence parallelism, seq_length / tensor: each tensor rank exchanges its own sequence chunk
+with the same tensor rank of the neighbouring stage, see parallel/parallelize.py.) So a receiver
 allocates its buffer up front and no shape handshake precedes the data.
 
 One `exchange` call posts a whole batch of sends and receives with `batch_isend_irecv` and waits for
@@ -94,6 +94,6 @@ class PipelineComm:
                 f"pipeline rank {self.rank} would send {msg.what} of shape {tuple(tensor.shape)} "
                 f"{tensor.dtype} but the receiver expects {self.shape} {self.dtype}: every stage must return "
                 "(train.micro_batch_size, data.seq_length, model.hidden_size) hidden states in the "
-                "parameters' dtype"
+                "parameters' dtype (data.seq_length / parallel.tensor under sequence parallelism)"
             )
         return tensor.detach().contiguous()

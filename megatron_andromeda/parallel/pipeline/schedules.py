@@ -11,6 +11,11 @@ All three schedules run through one executor over a plan from plans.py; they dif
 order of computes (and the interleaved one in how many model chunks a rank holds: `model` is then
 an nn.ModuleList of chunks). `build_pipeline_schedule` checks the configuration before the first
 step and returns the schedule bound to this rank's communicator.
+
+Once a stage's output activation has been sent, only its autograd node is needed (for the backward
+of that micro-batch), not its values: the executor frees the values right after the send
+(`release_values`) and later runs the backward from the node's gradient edge. On the first stage
+of 1F1B that is p activations of (micro_batch, seq, hidden) fewer held at the peak.
 """
 
 from __future__ import annotations
@@ -22,6 +27,7 @@ from typing import Any
 
 import torch
 from torch import nn
+from torch.autograd.graph import get_gradient_edge
 
 from megatron_andromeda.config import ConfigError, ParallelConfig, RunConfig
 from megatron_andromeda.parallel.context import ParallelContext
@@ -150,12 +156,20 @@ def build_pipeline_schedule(
         ctx.pp_group,
         [ctx.layout.rank_of(p, ctx.dp_rank, ctx.tp_rank) for p in range(ctx.pp_size)],
         ctx.pp_rank,
-        (run_cfg.train.micro_batch_size, run_cfg.data.seq_length, run_cfg.model.hidden_size),
+        stage_activation_shape(run_cfg),
         dtype or precision_dtype(run_cfg.train.precision),
         ctx.device,
         watchdog,
     )
     return partial(SCHEDULE_FUNCTIONS[schedule_name(pc)], comm=comm)
+
+
+def stage_activation_shape(run_cfg: RunConfig) -> tuple[int, int, int]:
+    """(micro_batch, sequence, hidden) of one message; the sequence is this rank's chunk under
+    sequence parallelism (see parallel/parallelize.py)."""
+    pc = run_cfg.parallel
+    seq = run_cfg.data.seq_length // (pc.tensor if pc.sequence_parallel else 1)
+    return (run_cfg.train.micro_batch_size, seq, run_cfg.model.hidden_size)
 
 
 # --------------------------------------------------------------------------------------------- executor
@@ -252,7 +266,11 @@ class _Execution:
         key = (chunk, microbatch)
         output = self.outputs.pop(key)
         grad = self.output_grads.pop(key, None)  # None for the loss
-        torch.autograd.backward(output, grad_tensors=grad)
+        if grad is not None and output.grad_fn is not None:
+            # From the gradient edge: its recorded shape is the output's, whose values may be freed.
+            torch.autograd.backward(get_gradient_edge(output), grad_tensors=grad)
+        else:
+            torch.autograd.backward(output, grad_tensors=grad)
         x = self.inputs.pop(key, None)
         if x is not None:
             self.input_grads[key] = x.grad
@@ -262,6 +280,8 @@ class _Execution:
         received = iter(self.comm.exchange(messages))
         for t in batch:
             if t.send:
+                if not t.grad and not self.forward_only:  # the send has completed
+                    release_values(self.outputs[(t.chunk, t.microbatch)])
                 continue
             key = (t.chunk, t.microbatch)
             if t.grad:
@@ -278,3 +298,16 @@ class _Execution:
         if self.forward_only:
             self.outputs.pop(key)
         return Message(t.peer, tensor, what)
+
+
+def release_values(output: torch.Tensor) -> None:
+    """Free the values of a sent stage output, keeping the tensor (and its autograd node) alive.
+
+    Correct whatever the stage's last operation: an operation that saved its output for the
+    backward holds its own reference to the storage (the values then stay until that backward).
+    Ours end in the residual add or the sequence-parallel gather, which save nothing, so the memory
+    is really returned. Views and leaves are left alone: a view's storage belongs to its base, and
+    a leaf has no node to run the backward from.
+    """
+    if output._base is None and output.grad_fn is not None:
+        output.data = torch.empty((1,), dtype=output.dtype, device=output.device)
