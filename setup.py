@@ -30,6 +30,7 @@ EXTRAS = {
         "pyarrow",
         "matplotlib",
         "lm-eval>=0.4",
+        "megatron-core>=0.12",  # tests/test_megatron_compat.py: the .bin/.idx format against Megatron's own
     ],
 }
 

@@ -107,6 +107,18 @@ def test_binary_parquet_column_is_decoded_or_reported(tmp_path):
     assert decoded.malformed == [("invalid_utf8", 2)]
 
 
+@pytest.mark.parametrize("name, module, package", [
+    ("docs.jsonl.zst", "zstandard", "zstandard"),
+    ("docs.parquet", "pyarrow.parquet", "pyarrow"),
+])  # fmt: skip
+def test_optional_format_libraries_missing_name_the_file(tmp_path, monkeypatch, name, module, package):
+    (tmp_path / name).write_bytes(b"")
+    files = expand_inputs([str(tmp_path / name)])
+    monkeypatch.setitem(sys.modules, module, None)  # import fails as if not installed
+    with pytest.raises(InputError, match=rf"{name}: .* needs the {package} package: pip install {package}"):
+        list(read_chunks(files, ["text"]))
+
+
 def test_saved_hf_dataset_needs_the_datasets_library(tmp_path, monkeypatch):
     (tmp_path / "ds").mkdir()
     (tmp_path / "ds" / "state.json").write_text("{}")

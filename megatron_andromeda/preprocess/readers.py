@@ -144,7 +144,11 @@ def _jsonl_chunks(spec: InputFile, index: int, chunk_bytes: int) -> Iterator[Raw
 
 
 def _parquet_chunks(spec: InputFile, index: int, keys: Sequence[str], rows: int) -> Iterator[RawChunk]:
-    import pyarrow.parquet as pq
+    try:
+        import pyarrow.parquet as pq
+    except ImportError as e:
+        message = f"{spec.path}: reading Parquet needs the pyarrow package: pip install pyarrow"
+        raise InputError(message) from e
 
     try:
         pf = pq.ParquetFile(spec.path)
