@@ -130,6 +130,21 @@ class IndexedDatasetWriter:
         self._num_sequences += len(arrays)
         self._doc_starts.append(self._num_sequences)
 
+    def add_dataset(self, prefix: str | os.PathLike, block_bytes: int = 1 << 24) -> None:
+        """Append every document of the dataset at `prefix` (same dtype), streaming its `.bin`."""
+        self._check_open()
+        other = IndexedDataset(prefix)
+        if other.dtype != self.dtype:
+            raise DatasetError(
+                f"{other.prefix}: tokens are {other.dtype}, the dataset being written holds {self.dtype}"
+            )
+        with open(data_file_path(other.prefix), "rb") as src:
+            while block := src.read(block_bytes):
+                self._bin.write(block)
+        self._sizes.append(np.asarray(other.sizes, dtype=np.int32))
+        self._doc_starts.extend((other.document_indices[1:] + self._num_sequences).tolist())
+        self._num_sequences += len(other)
+
     def finalize(self) -> None:
         """Write the index, fsync both files and move them to their final names."""
         self._check_open()
