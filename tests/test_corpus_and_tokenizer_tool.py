@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import gzip
 import hashlib
-import importlib.util
 import json
 import re
 import struct
@@ -12,6 +11,7 @@ import zlib
 from pathlib import Path
 
 import pytest
+from tool_loader import load_tool
 
 from megatron_andromeda.data.tokenizer import load_tokenizer
 
@@ -20,15 +20,8 @@ CORPUS = ROOT / "examples" / "data" / "corpus" / "austen.jsonl.gz"
 README = CORPUS.parent / "README.md"
 
 
-def _load_tool(name: str):
-    spec = importlib.util.spec_from_file_location(name, ROOT / "tools" / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-train_tokenizer = _load_tool("train_tokenizer")
-build_corpus = _load_tool("build_embedded_corpus")
+train_tokenizer = load_tool("train_tokenizer")
+build_corpus = load_tool("build_embedded_corpus")
 
 
 def _read_corpus() -> list[dict]:

@@ -8,13 +8,13 @@ a tensor 2 x pipeline 2 checkpoint (written by convert_from_hf, merged again by 
 """
 
 import dataclasses
-import importlib.util
 import json
 from pathlib import Path
 
 import pytest
 import torch
 from safetensors.torch import load_file
+from tool_loader import load_tool
 
 from megatron_andromeda.config import ModelConfig, RunConfig
 from megatron_andromeda.generation import SamplingConfig, generate
@@ -26,7 +26,6 @@ transformers = pytest.importorskip("transformers")
 transformers.logging.set_verbosity_error()
 transformers.utils.logging.disable_progress_bar()
 
-TOOLS = Path(__file__).resolve().parent.parent / "tools"
 BASE = dict(vocab_size=300, hidden_size=64, num_layers=2, num_heads=4, max_seq_length=64)
 SWIGLU_LN = dict(norm="layernorm", activation="swiglu")
 ARCHS = {  # name -> (ModelConfig fields, the class transformers must load)
@@ -89,10 +88,7 @@ def random_tokens(batch: int, length: int, seed: int = 0) -> torch.Tensor:
 
 
 def run_tool(name: str, argv: list[str]) -> int:
-    spec = importlib.util.spec_from_file_location(name, TOOLS / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module.main(argv)
+    return load_tool(name).main(argv)
 
 
 @pytest.fixture(scope="module")

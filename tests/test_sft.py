@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
+from tool_loader import load_tool
 
 from megatron_andromeda.config import ModelConfig
 from megatron_andromeda.data.indexed_dataset import IndexedDataset
@@ -279,11 +279,6 @@ def test_pack_next_fit():
 
 
 # ------------------------------------------------------------------------------------------- tool
-def load_tool(name: str):
-    spec = importlib.util.spec_from_file_location(name, ROOT / "tools" / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 def test_preprocess_chat_writes_aligned_datasets(tmp_path, tokenizer, capsys):
