@@ -60,6 +60,33 @@ def test_merged_runs_equal_one_run_over_every_file(tmp_path, tokenizer_path):  #
         assert json.load(f) == merged
 
 
+def test_exact_duplicates_across_runs_are_dropped_as_one_run_would(tmp_path, tokenizer_path):  # noqa: F811
+    texts = [[prose(100 * p + i, 40) for i in range(40)] for p in range(3)]
+    texts[1][5] = texts[0][3]  # across files 0 and 1
+    texts[2][7] = texts[0][3].upper()  # the digest folds case
+    texts[2][9] = texts[1][20]
+    texts[2][11] = texts[2][10]  # within one file: the run itself drops it
+    files = [write_jsonl(tmp_path / f"part{p}.jsonl", t) for p, t in enumerate(texts)]
+    whole = run(config(tmp_path / "whole", files, tokenizer_path, split=SPLIT, exact_dedup=True))
+    parts = []
+    for p, path in enumerate(files):
+        run(config(tmp_path / f"machine{p}", [path], tokenizer_path, split=SPLIT, exact_dedup=True))
+        parts.append(str(tmp_path / f"machine{p}" / "out" / "corpus"))
+    merged = merge_runs(parts, str(tmp_path / "merged" / "corpus"))
+
+    assert whole["dropped"]["exact_duplicate"]["count"] == 4
+    assert merged["documents"] == whole["documents"]
+    assert (
+        merged["dropped"]["exact_duplicate"]["count"] == 4 and merged["dedup_scope"] == "exact: across runs"
+    )
+    for name, out in merged["outputs"].items():
+        assert same_bytes(out["prefix"], whole["outputs"][name]["prefix"]), name
+        assert filecmp.cmp(out["digests"], whole["outputs"][name]["digests"], shallow=False), name
+    # A merged run merges again (its digests are kept): nothing new is dropped.
+    again = merge_runs([str(tmp_path / "merged" / "corpus")], str(tmp_path / "again" / "corpus"))
+    assert again["documents"] == merged["documents"]
+
+
 def test_runs_with_other_settings_are_refused(tmp_path, tokenizer_path):  # noqa: F811
     files = three_files(tmp_path)
     run(config(tmp_path / "a", files[:1], tokenizer_path, split=SPLIT))

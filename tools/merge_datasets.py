@@ -7,8 +7,9 @@
     python tools/merge_datasets.py --datasets a_text_document b_text_document --output-prefix ab_text_document
 
 With runs, every split and key is merged (out/corpus_train_text_document, ...) and out/corpus.json
-holds the summed counts, the runs it came from and `dedup_scope: per run`: duplicates were removed
-within each run, not across runs. The runs must share tokenizer, dtype, keys, split and EOD setting.
+holds the summed counts and the runs it came from. Runs made with exact dedup (the default) are also
+deduplicated against each other, in the order given; near-duplicates only within each run
+(`dedup_scope` in the sidecar). The runs must share tokenizer, dtype, keys, split and EOD setting.
 """
 
 from __future__ import annotations

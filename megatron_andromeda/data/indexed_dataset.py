@@ -130,20 +130,40 @@ class IndexedDatasetWriter:
         self._num_sequences += len(arrays)
         self._doc_starts.append(self._num_sequences)
 
-    def add_dataset(self, prefix: str | os.PathLike, block_bytes: int = 1 << 24) -> None:
-        """Append every document of the dataset at `prefix` (same dtype), streaming its `.bin`."""
+    def add_dataset(
+        self, prefix: str | os.PathLike, keep: np.ndarray | None = None, block_bytes: int = 1 << 24
+    ) -> None:
+        """Append the documents of the dataset at `prefix` (same dtype), or those where `keep` (one
+        bool per document) is set; the `.bin` is copied in blocks, one run of kept documents at a time."""
         self._check_open()
         other = IndexedDataset(prefix)
         if other.dtype != self.dtype:
             raise DatasetError(
                 f"{other.prefix}: tokens are {other.dtype}, the dataset being written holds {self.dtype}"
             )
+        starts = np.asarray(other.document_indices, dtype=np.int64)  # sequence index per document
+        if keep is None:
+            keep = np.ones(other.num_documents, dtype=bool)
+        elif len(keep) != other.num_documents:
+            raise ValueError(
+                f"{other.prefix}: keep has {len(keep)} entries for {other.num_documents} documents"
+            )
+        ends = np.append(other.pointers, other.num_tokens * self.dtype.itemsize)  # byte offset per sequence
         with open(data_file_path(other.prefix), "rb") as src:
-            while block := src.read(block_bytes):
-                self._bin.write(block)
-        self._sizes.append(np.asarray(other.sizes, dtype=np.int32))
-        self._doc_starts.extend((other.document_indices[1:] + self._num_sequences).tolist())
-        self._num_sequences += len(other)
+            for first, last in _true_runs(np.asarray(keep, dtype=bool)):  # documents [first, last)
+                seq_lo, seq_hi = int(starts[first]), int(starts[last])
+                src.seek(int(ends[seq_lo]))
+                remaining = int(ends[seq_hi] - ends[seq_lo])
+                while remaining:
+                    block = src.read(min(block_bytes, remaining))
+                    if not block:
+                        raise DatasetError(f"{data_file_path(other.prefix)}: shorter than its index says")
+                    self._bin.write(block)
+                    remaining -= len(block)
+                self._sizes.append(np.asarray(other.sizes[seq_lo:seq_hi], dtype=np.int32))
+                shift = self._num_sequences - seq_lo
+                self._doc_starts.extend((starts[first + 1 : last + 1] + shift).tolist())
+                self._num_sequences += seq_hi - seq_lo
 
     def finalize(self) -> None:
         """Write the index, fsync both files and move them to their final names."""
@@ -198,6 +218,12 @@ class IndexedDatasetWriter:
         for path in (self._bin_tmp, self._idx_tmp):
             if os.path.exists(path):
                 os.remove(path)
+
+
+def _true_runs(mask: np.ndarray) -> list[tuple[int, int]]:
+    """[start, stop) of every run of True in a 1-D bool array."""
+    edges = np.diff(np.concatenate(([0], mask.view(np.int8), [0])))
+    return list(zip(np.flatnonzero(edges == 1).tolist(), np.flatnonzero(edges == -1).tolist()))
 
 
 def encode_index(dtype: np.dtype, sizes: np.ndarray, document_indices: np.ndarray) -> bytes:

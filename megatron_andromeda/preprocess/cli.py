@@ -14,8 +14,9 @@ from megatron_andromeda.preprocess.split import parse_split
 
 EPILOG = """\
 outputs: PREFIX_{train,valid,test}_KEY_document.{bin,idx} (one dataset per split and --json-keys key;
-PREFIX_KEY_document with --no-split or a single non-zero split) and the sidecar PREFIX.json, written
-last: a run is complete when its sidecar exists.
+PREFIX_KEY_document with --no-split or a single non-zero split), with exact dedup a .digests file
+beside each (16 bytes per document: tools/merge_datasets.py deduplicates runs against each other
+with them), and the sidecar PREFIX.json, written last: a run is complete when its sidecar exists.
 
 cleaning options (--clean-set NAME=VALUE, 'none' switches a rule off): see CleaningConfig in
 megatron_andromeda/preprocess/cleaning.py, e.g. --clean-set min_alpha_words_ratio=none

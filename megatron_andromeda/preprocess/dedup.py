@@ -15,6 +15,7 @@ both on the reference corpus.
 from __future__ import annotations
 
 import hashlib
+import os
 from dataclasses import dataclass
 from functools import cached_property
 
@@ -26,10 +27,36 @@ _U64 = np.uint64
 _EMPTY_BIN = _U64(1 << 32)  # larger than any 32-bit bin value
 
 
+DIGEST_DTYPE = np.dtype("V16")
+
+
 def exact_digest(text: str) -> bytes:
     """16-byte digest of `text` with case folded and whitespace runs collapsed."""
     normalized = " ".join(text.lower().split())
     return hashlib.blake2b(normalized.encode("utf-8"), digest_size=16).digest()
+
+
+def digests_path(dataset_prefix: str) -> str:
+    """Where a run keeps the exact-dedup digest of each document of a dataset it wrote (16 bytes
+    each, in dataset order), so that tools/merge_datasets.py can deduplicate across runs."""
+    return f"{dataset_prefix}.digests"
+
+
+def write_digests(dataset_prefix: str, digests: list[bytes]) -> str:
+    """Write the digest file atomically (temporary name, fsync, rename); returns its path."""
+    path = digests_path(dataset_prefix)
+    with open(path + ".tmp", "wb") as f:
+        for block in digests:
+            f.write(block)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(path + ".tmp", path)
+    return path
+
+
+def read_digests(path: str) -> np.ndarray:
+    """(documents,) array of 16-byte digests."""
+    return np.fromfile(path, dtype=DIGEST_DTYPE)
 
 
 class SeenDigests:

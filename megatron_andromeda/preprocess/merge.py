@@ -4,9 +4,11 @@ becomes one dataset per split.
 Each machine runs `tools/preprocess_data.py` on its own share of the input files; since the split
 is decided per document by hash, every run puts a document where a single run over all the files
 would have put it. `merge_runs` then concatenates, per split and key, the runs' datasets in the
-order given and writes a sidecar whose counts are the sums, so that merging the runs of files A and
-B gives byte for byte what one run over A then B writes (deduplication aside: each run removes
-duplicates within its own inputs only, which the merged sidecar states).
+order given and writes a sidecar whose counts are the sums. Runs made with exact dedup keep each
+written document's digest (`PREFIX_..._document.digests`), so the merge also drops a document that
+an earlier run already holds: merging the runs of files A and B then gives byte for byte what one
+run over A then B writes. Near-duplicates (MinHash) are removed within each run only; the merged
+sidecar's `dedup_scope` says which.
 
 Everything is written atomically: the datasets through `IndexedDatasetWriter` (temporary names,
 renamed at the end), the sidecar last.
@@ -18,7 +20,10 @@ import json
 import os
 from collections.abc import Sequence
 
+import numpy as np
+
 from megatron_andromeda.data.indexed_dataset import DatasetError, IndexedDataset, IndexedDatasetWriter
+from megatron_andromeda.preprocess.dedup import read_digests, write_digests
 from megatron_andromeda.preprocess.report import write_json_atomic
 
 # Sidecar fields that must agree between runs for their datasets to be one dataset.
@@ -65,7 +70,11 @@ def _suffix(run_prefix: str, dataset_prefix: str) -> str:
 
 
 def merge_runs(run_prefixes: Sequence[str], output_prefix: str) -> dict:
-    """Concatenate the runs' datasets per split and key; returns (and writes) the merged sidecar."""
+    """Concatenate the runs' datasets per split and key; returns (and writes) the merged sidecar.
+
+    When every run kept its exact-dedup digests, a document whose digest an earlier run (in the
+    order given) already holds is dropped, as one run over all the files would have dropped it.
+    """
     if not run_prefixes:
         raise ValueError("merge_runs: no runs given")
     run_prefixes = [os.fspath(p) for p in run_prefixes]
@@ -75,20 +84,53 @@ def merge_runs(run_prefixes: Sequence[str], output_prefix: str) -> dict:
     for prefix, sidecar in zip(run_prefixes[1:], sidecars[1:]):
         if list(sidecar["outputs"]) != names:
             raise DatasetError(f"{prefix}.json: outputs {list(sidecar['outputs'])} differ from {names}")
+    keeps = cross_run_keep_masks(sidecars, names)
     outputs = {}
     for name in names:
-        suffix = _suffix(run_prefixes[0], sidecars[0]["outputs"][name]["prefix"])
+        out_prefix = output_prefix + _suffix(run_prefixes[0], sidecars[0]["outputs"][name]["prefix"])
         parts = [s["outputs"][name]["prefix"] for s in sidecars]
-        merged = merge_datasets(parts, output_prefix + suffix)
-        outputs[name] = {"prefix": output_prefix + suffix, "documents": merged.num_documents,
-                         "tokens": merged.num_tokens}  # fmt: skip
-    sidecar = _merged_sidecar(run_prefixes, sidecars, outputs)
+        masks = None if keeps is None else [keeps[r][name] for r in range(len(sidecars))]
+        merged = merge_datasets(parts, out_prefix, masks)
+        outputs[name] = {"prefix": out_prefix, "documents": merged.num_documents, "tokens": merged.num_tokens}
+        if masks is not None:
+            kept = [read_digests(s["outputs"][name]["digests"])[m] for s, m in zip(sidecars, masks)]
+            outputs[name]["digests"] = write_digests(out_prefix, [k.tobytes() for k in kept])
+    sidecar = _merged_sidecar(run_prefixes, sidecars, outputs, keeps)
     write_json_atomic(f"{output_prefix}.json", sidecar)
     return sidecar
 
 
-def merge_datasets(prefixes: Sequence[str | os.PathLike], output_prefix: str) -> IndexedDataset:
-    """One `.bin`/`.idx` holding every document of `prefixes`, in order (all of one dtype)."""
+def cross_run_keep_masks(sidecars: Sequence[dict], names: Sequence[str]) -> list[dict] | None:
+    """Per run and output, which documents survive exact dedup across runs; None without digests.
+
+    Each run is free of exact duplicates already, so the first occurrence of a digest in run order
+    (all of a run's splits before the next run) is the one a single run would have kept. The keys
+    of a split ("train/text", "train/title") share their documents and so their decisions.
+    """
+    if not all("digests" in s["outputs"][n] for s in sidecars for n in names):
+        return None
+    splits: dict[str, str] = {}  # split -> the output whose digests decide it
+    for name in names:
+        splits.setdefault(name.split("/")[0], name)
+    blocks = [read_digests(s["outputs"][ref]["digests"]) for s in sidecars for ref in splits.values()]
+    first = np.unique(np.concatenate(blocks), return_index=True)[1] if blocks else np.zeros(0, np.int64)
+    keep = np.zeros(sum(b.size for b in blocks), dtype=bool)
+    keep[first] = True
+    masks, start = [], 0
+    for _ in sidecars:
+        per_split = {}
+        for split in splits:
+            size = blocks[len(masks) * len(splits) + len(per_split)].size
+            per_split[split], start = keep[start : start + size], start + size
+        masks.append({name: per_split[name.split("/")[0]] for name in names})
+    return masks
+
+
+def merge_datasets(
+    prefixes: Sequence[str | os.PathLike], output_prefix: str, keeps: Sequence[np.ndarray] | None = None
+) -> IndexedDataset:
+    """One `.bin`/`.idx` holding the documents of `prefixes` in order (all of one dtype): every
+    document, or those set in `keeps` (one bool mask per dataset)."""
     if not prefixes:
         raise ValueError("merge_datasets: no datasets given")
     first = IndexedDataset(prefixes[0])
@@ -96,12 +138,14 @@ def merge_datasets(prefixes: Sequence[str | os.PathLike], output_prefix: str) ->
     if any(os.path.abspath(os.fspath(p)) == out for p in prefixes):
         raise DatasetError(f"{output_prefix}: the output would overwrite one of the inputs")
     with IndexedDatasetWriter(output_prefix, dtype=first.dtype) as writer:
-        for prefix in prefixes:
-            writer.add_dataset(prefix)
+        for i, prefix in enumerate(prefixes):
+            writer.add_dataset(prefix, None if keeps is None else keeps[i])
     return IndexedDataset(output_prefix)
 
 
-def _merged_sidecar(run_prefixes: Sequence[str], sidecars: Sequence[dict], outputs: dict) -> dict:
+def _merged_sidecar(
+    run_prefixes: Sequence[str], sidecars: Sequence[dict], outputs: dict, keeps: list[dict] | None
+) -> dict:
     first = sidecars[0]
     documents = {key: sum(s["documents"][key] for s in sidecars) for key in first["documents"]}
     dropped: dict[str, dict] = {}
@@ -111,7 +155,13 @@ def _merged_sidecar(run_prefixes: Sequence[str], sidecars: Sequence[dict], outpu
             entry = dropped.setdefault(reason, {"count": 0, "samples": []})
             entry["count"] += item["count"]
             entry["samples"] = (entry["samples"] + item["samples"])[:max_samples]
+    if keeps is not None:
+        _count_cross_run_duplicates(run_prefixes, keeps, documents, dropped, max_samples)
     options = {**first["options"], "inputs": [i for s in sidecars for i in s["options"]["inputs"]]}
+    if keeps is None:
+        scope = "per run" if len(sidecars) > 1 else "run"
+    else:
+        scope = "exact: across runs" + ("; near: per run" if first["options"].get("minhash") else "")
     return json.loads(json.dumps({
         "version": first["version"],
         "tokenizer": first["tokenizer"],
@@ -126,7 +176,28 @@ def _merged_sidecar(run_prefixes: Sequence[str], sidecars: Sequence[dict], outpu
             {"prefix": os.path.abspath(p), "documents": s["documents"], "tokens": s["tokens"]}
             for p, s in zip(run_prefixes, sidecars)
         ],
-        # Each run removed duplicates among its own inputs; none were looked for across runs.
-        "dedup_scope": "per run" if len(sidecars) > 1 else "run",
+        "dedup_scope": scope,
         "seconds": round(sum(s.get("seconds", 0.0) for s in sidecars), 3),
     }))  # fmt: skip
+
+
+def _count_cross_run_duplicates(
+    run_prefixes: Sequence[str], keeps: list[dict], documents: dict, dropped: dict, max_samples: int
+) -> None:
+    """Move the documents dropped as duplicates of an earlier run from `kept` to `dropped`."""
+    entry = dropped.setdefault("exact_duplicate", {"count": 0, "samples": []})
+    for prefix, masks in zip(run_prefixes, keeps):
+        seen_splits = set()
+        for name, mask in masks.items():
+            split = name.split("/")[0]
+            if split in seen_splits:  # a split's keys share their documents: count them once
+                continue
+            seen_splits.add(split)
+            duplicates = np.flatnonzero(~mask)
+            entry["count"] += int(duplicates.size)
+            documents["kept"] -= int(duplicates.size)
+            documents["dropped"] += int(duplicates.size)
+            room = max_samples - len(entry["samples"])
+            entry["samples"] += [f"{prefix}: {split} document {i} (across runs)" for i in duplicates[:room]]
+    if not entry["count"]:
+        del dropped["exact_duplicate"]

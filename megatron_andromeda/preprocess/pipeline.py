@@ -23,7 +23,13 @@ import numpy as np
 from megatron_andromeda.data.indexed_dataset import IndexedDatasetWriter, data_file_path, index_file_path
 from megatron_andromeda.data.tokenizer import Tokenizer, load_tokenizer
 from megatron_andromeda.preprocess.cleaning import CleaningConfig
-from megatron_andromeda.preprocess.dedup import LSHIndex, MinHasher, SeenDigests
+from megatron_andromeda.preprocess.dedup import (
+    LSHIndex,
+    MinHasher,
+    SeenDigests,
+    digests_path,
+    write_digests,
+)
 from megatron_andromeda.preprocess.processor import (
     ChunkProcessor,
     ChunkResult,
@@ -107,6 +113,9 @@ class _Outputs:
         self.writers: dict[tuple[int, int], IndexedDatasetWriter] = {}
         self.documents = collections.Counter()
         self.tokens = collections.Counter()
+        # Exact-dedup digests of the written documents, per dataset, for cross-run dedup at merge time.
+        self.digests: dict[tuple[int, int], list[bytes]] | None = {} if config.exact_dedup else None
+        self.digest_files: dict[tuple[int, int], str] = {}
         self._finalized: list[str] = []
         split_index = {name: SPLIT_NAMES.index(name) if name else 0 for name in self.splits}
         for name in self.splits:
@@ -128,18 +137,23 @@ class _Outputs:
                     writer.add_documents([tokens[offsets[i] : offsets[i + 1]] for i in chosen])
                     self.documents[(split, k)] += int(chosen.size)
                     self.tokens[(split, k)] += int(result.lengths[k][chosen].sum())
+                    if self.digests is not None:
+                        chunk_digests = b"".join(result.digests[i] for i in chosen)
+                        self.digests.setdefault((split, k), []).append(chunk_digests)
 
     def finalize(self) -> None:
-        for writer in self.writers.values():
+        for where, writer in self.writers.items():
             writer.finalize()
             self._finalized.append(writer.prefix)
+            if self.digests is not None:
+                self.digest_files[where] = write_digests(writer.prefix, self.digests.get(where, []))
 
     def abort(self) -> None:
         """Remove temporaries, and any dataset of this run already renamed into place."""
         for writer in self.writers.values():
             writer.abort()
         for prefix in self._finalized:
-            for path in (data_file_path(prefix), index_file_path(prefix)):
+            for path in (data_file_path(prefix), index_file_path(prefix), digests_path(prefix)):
                 if os.path.exists(path):
                     os.remove(path)
 
@@ -152,6 +166,8 @@ class _Outputs:
                 "documents": self.documents[(split, k)],
                 "tokens": self.tokens[(split, k)],
             }
+            if (split, k) in self.digest_files:
+                out[name]["digests"] = self.digest_files[(split, k)]
         return out
 
 
@@ -212,7 +228,7 @@ def _remove_previous_outputs(config: PreprocessConfig) -> None:
     for split in config.split_names:
         for key in config.json_keys:
             prefix = config.dataset_prefix(split, key)
-            paths += [data_file_path(prefix), index_file_path(prefix)]
+            paths += [data_file_path(prefix), index_file_path(prefix), digests_path(prefix)]
     for path in paths:
         if os.path.exists(path):
             os.remove(path)
