@@ -97,7 +97,7 @@ class GPTModel(nn.Module):
         incremental decoding (positions continue from `cache.length`).
         """
         h = self.embedding(x) if self.pre_process else x
-        T = h.shape[1] if self.pre_process else h.shape[1] * self.input_sequence_shards
+        T = h.shape[1] * self.input_sequence_shards
         past = cache.length if cache is not None else 0
         inputs = self.attention_inputs(T, past, position_ids, segment_ids, h.device)
         for name, layer in self.layers.items():

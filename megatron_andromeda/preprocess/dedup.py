@@ -15,12 +15,12 @@ both on the reference corpus.
 from __future__ import annotations
 
 import hashlib
-import os
 from dataclasses import dataclass
 from functools import cached_property
 
 import numpy as np
 
+from megatron_andromeda.preprocess.report import write_atomic
 from megatron_andromeda.preprocess.words import Words, splitmix64
 
 _U64 = np.uint64
@@ -43,14 +43,9 @@ def digests_path(dataset_prefix: str) -> str:
 
 
 def write_digests(dataset_prefix: str, digests: list[bytes]) -> str:
-    """Write the digest file atomically (temporary name, fsync, rename); returns its path."""
+    """Write the digest file atomically; returns its path."""
     path = digests_path(dataset_prefix)
-    with open(path + ".tmp", "wb") as f:
-        for block in digests:
-            f.write(block)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(path + ".tmp", path)
+    write_atomic(path, digests)
     return path
 
 

@@ -19,6 +19,7 @@ from __future__ import annotations
 import json
 import os
 from collections.abc import Sequence
+from dataclasses import dataclass
 
 import numpy as np
 
@@ -84,46 +85,58 @@ def merge_runs(run_prefixes: Sequence[str], output_prefix: str) -> dict:
     for prefix, sidecar in zip(run_prefixes[1:], sidecars[1:]):
         if list(sidecar["outputs"]) != names:
             raise DatasetError(f"{prefix}.json: outputs {list(sidecar['outputs'])} differ from {names}")
-    keeps = cross_run_keep_masks(sidecars, names)
+    dedup = cross_run_dedup(sidecars, names)
     outputs = {}
     for name in names:
         out_prefix = output_prefix + _suffix(run_prefixes[0], sidecars[0]["outputs"][name]["prefix"])
         parts = [s["outputs"][name]["prefix"] for s in sidecars]
-        masks = None if keeps is None else [keeps[r][name] for r in range(len(sidecars))]
+        split = _split_of(name)
+        masks = None if dedup is None else [run[split] for run in dedup.keep]
         merged = merge_datasets(parts, out_prefix, masks)
         outputs[name] = {"prefix": out_prefix, "documents": merged.num_documents, "tokens": merged.num_tokens}
-        if masks is not None:
-            kept = [read_digests(s["outputs"][name]["digests"])[m] for s, m in zip(sidecars, masks)]
-            outputs[name]["digests"] = write_digests(out_prefix, [k.tobytes() for k in kept])
-    sidecar = _merged_sidecar(run_prefixes, sidecars, outputs, keeps)
+        if dedup is not None:
+            outputs[name]["digests"] = write_digests(out_prefix, [dedup.digests[split].tobytes()])
+    sidecar = _merged_sidecar(run_prefixes, sidecars, outputs, None if dedup is None else dedup.keep)
     write_json_atomic(f"{output_prefix}.json", sidecar)
     return sidecar
 
 
-def cross_run_keep_masks(sidecars: Sequence[dict], names: Sequence[str]) -> list[dict] | None:
-    """Per run and output, which documents survive exact dedup across runs; None without digests.
+def _split_of(output_name: str) -> str:
+    """'train/text' -> 'train': the keys of a split share their documents, and so dedup decisions."""
+    return output_name.split("/")[0]
+
+
+@dataclass
+class CrossRunDedup:
+    keep: list[dict[str, np.ndarray]]  # per run: split -> bool mask over that run's documents
+    digests: dict[str, np.ndarray]  # split -> digests of the kept documents, runs in order
+
+
+def cross_run_dedup(sidecars: Sequence[dict], names: Sequence[str]) -> CrossRunDedup | None:
+    """Which documents survive exact dedup across runs; None unless every run kept its digests.
 
     Each run is free of exact duplicates already, so the first occurrence of a digest in run order
-    (all of a run's splits before the next run) is the one a single run would have kept. The keys
-    of a split ("train/text", "train/title") share their documents and so their decisions.
+    (all of a run's splits before the next run) is the one a single run would have kept.
     """
     if not all("digests" in s["outputs"][n] for s in sidecars for n in names):
         return None
-    splits: dict[str, str] = {}  # split -> the output whose digests decide it
+    deciding: dict[str, str] = {}  # split -> the output whose digests decide it
     for name in names:
-        splits.setdefault(name.split("/")[0], name)
-    blocks = [read_digests(s["outputs"][ref]["digests"]) for s in sidecars for ref in splits.values()]
-    first = np.unique(np.concatenate(blocks), return_index=True)[1] if blocks else np.zeros(0, np.int64)
-    keep = np.zeros(sum(b.size for b in blocks), dtype=bool)
-    keep[first] = True
-    masks, start = [], 0
-    for _ in sidecars:
-        per_split = {}
-        for split in splits:
-            size = blocks[len(masks) * len(splits) + len(per_split)].size
-            per_split[split], start = keep[start : start + size], start + size
-        masks.append({name: per_split[name.split("/")[0]] for name in names})
-    return masks
+        deciding.setdefault(_split_of(name), name)
+    blocks = [
+        {split: read_digests(s["outputs"][name]["digests"]) for split, name in deciding.items()}
+        for s in sidecars
+    ]
+    flat = [block for run in blocks for block in run.values()]
+    keep = np.zeros(sum(block.size for block in flat), dtype=bool)
+    keep[np.unique(np.concatenate(flat), return_index=True)[1]] = True
+    pieces = iter(np.split(keep, np.cumsum([block.size for block in flat])[:-1]))
+    masks = [{split: next(pieces) for split in run} for run in blocks]
+    digests = {
+        split: np.concatenate([run[split][mask[split]] for run, mask in zip(blocks, masks)])
+        for split in deciding
+    }
+    return CrossRunDedup(masks, digests)
 
 
 def merge_datasets(
@@ -187,12 +200,7 @@ def _count_cross_run_duplicates(
     """Move the documents dropped as duplicates of an earlier run from `kept` to `dropped`."""
     entry = dropped.setdefault("exact_duplicate", {"count": 0, "samples": []})
     for prefix, masks in zip(run_prefixes, keeps):
-        seen_splits = set()
-        for name, mask in masks.items():
-            split = name.split("/")[0]
-            if split in seen_splits:  # a split's keys share their documents: count them once
-                continue
-            seen_splits.add(split)
+        for split, mask in masks.items():
             duplicates = np.flatnonzero(~mask)
             entry["count"] += int(duplicates.size)
             documents["kept"] -= int(duplicates.size)

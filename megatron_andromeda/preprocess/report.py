@@ -12,7 +12,7 @@ import json
 import os
 import threading
 from collections import Counter
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 
 from megatron_andromeda.preprocess.readers import MALFORMED_REASONS, InputFile, file_sha256
@@ -78,15 +78,20 @@ def malformed_total(drops: DropLog) -> int:
     return sum(drops.counts[r] for r in MALFORMED_REASONS)
 
 
-def write_json_atomic(path: str, payload: dict) -> None:
-    """Write `payload` as JSON under a temporary name, fsync, then rename onto `path`."""
+def write_atomic(path: str, blocks: Iterable[bytes]) -> None:
+    """Write `blocks` under a temporary name, fsync, then rename onto `path`."""
     tmp = f"{path}.tmp"
-    with open(tmp, "w", encoding="utf-8") as f:
-        json.dump(payload, f, indent=2, sort_keys=False)
-        f.write("\n")
+    with open(tmp, "wb") as f:
+        for block in blocks:
+            f.write(block)
         f.flush()
         os.fsync(f.fileno())
     os.replace(tmp, path)
+
+
+def write_json_atomic(path: str, payload: dict) -> None:
+    """Write `payload` as indented JSON, atomically."""
+    write_atomic(path, [(json.dumps(payload, indent=2, sort_keys=False) + "\n").encode("utf-8")])
 
 
 def summary_lines(report: dict) -> list[str]:
