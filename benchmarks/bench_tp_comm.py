@@ -27,6 +27,7 @@ import torch
 
 from megatron_andromeda.config import ParallelConfig
 from megatron_andromeda.models.gpt import GPTModel
+from megatron_andromeda.models.presets import get_preset
 from megatron_andromeda.parallel import (
     ParallelContext,
     RankLayout,
@@ -36,7 +37,6 @@ from megatron_andromeda.parallel import (
 )
 from megatron_andromeda.parallel.mappings import count_comm
 from megatron_andromeda.parallel.testing import run_distributed
-from megatron_andromeda.presets import get_preset
 
 FULL = get_preset("andromeda-1b")
 FULL_BATCH, FULL_SEQ = 4, 2048

@@ -1,8 +1,9 @@
 """Training throughput of andromeda-100m / 500m / 1b on one GPU, for every backend variant at hand.
 
-A timed step is what the trainer does for one micro-batch: zero_grad, forward under bf16 autocast
-(and FP8 autocast for the FP8 rows), `loss_function(choice)`, backward, AdamW step
-(`training.optim.build_optimizer`), on random tokens. Variants (rows) per model:
+A timed step is one `Trainer.train_step()` of a model built exactly as `python -m megatron_andromeda.train`
+builds it (`train.build_training`: the one builder, bf16 parameters with fp32 master weights and
+gradient buckets, the kernels of the row, the chosen loss), one micro-batch of random tokens per
+step, loss and gradient norm read back as the trainer does. Variants (rows) per model:
 
     bf16-sdpa          the reference: plain modules, torch's SDPA (its flash / cuDNN kernels)
     bf16-sdpa-compile  + torch.compile of each block
@@ -31,26 +32,29 @@ import json
 import os
 import platform
 import sys
+import tempfile
 import time
 from dataclasses import asdict, dataclass, replace
+from pathlib import Path
 
 import torch
 
-from megatron_andromeda.backends import (
-    BackendChoice,
+from megatron_andromeda.config import (
     BackendConfig,
-    apply_backends,
-    fp8_context,
-    loss_function,
-    probe_environment,
-    select_backends,
+    ConfigError,
+    DataConfig,
+    LoggingConfig,
+    ModelConfig,
+    RunConfig,
+    TrainConfig,
 )
-from megatron_andromeda.config import ConfigError, ModelConfig, OptimConfig
-from megatron_andromeda.models import GPTModel
+from megatron_andromeda.kernels import fp8_context, probe_environment, select_backends
 from megatron_andromeda.models.accounting import training_flops_per_token
-from megatron_andromeda.presets import get_preset
+from megatron_andromeda.models.presets import get_preset
+from megatron_andromeda.parallel import ParallelContext, plan_layout
+from megatron_andromeda.train import build_training
 from megatron_andromeda.training.metrics import peak_flops_for
-from megatron_andromeda.training.optim import build_optimizer
+from megatron_andromeda.training.trainer import Trainer
 
 PLAIN = dict(attention="sdpa", linear="torch", rotary="torch", cross_entropy="torch")
 VARIANTS: dict[str, tuple[str, BackendConfig]] = {
@@ -138,7 +142,7 @@ def measure_model(cfg: ModelConfig, args: argparse.Namespace, device: torch.devi
             continue
         seen[choice] = variant
         try:
-            _fill(row, cfg, _time_training_steps(cfg, choice, mbs, args, device), args, device)
+            _fill(row, cfg, _time_training_steps(cfg, backend_cfg, mbs, args, device), args, device)
         except torch.cuda.OutOfMemoryError:
             row.status = f"failed: out of memory at micro-batch {mbs}"
         finally:
@@ -152,35 +156,63 @@ def measure_model(cfg: ModelConfig, args: argparse.Namespace, device: torch.devi
     return rows
 
 
+class RandomTokens:
+    """Random token samples of one length, generated once (the data path is not what is timed)."""
+
+    def __init__(self, vocab: int, seq: int, n: int, seed: int = 0):
+        self.data = torch.randint(0, vocab, (n, seq + 1), generator=torch.Generator().manual_seed(seed))
+
+    def __len__(self) -> int:
+        return len(self.data)
+
+    def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
+        return {"tokens": self.data[i, :-1], "labels": self.data[i, 1:]}
+
+
+def build_trainer(
+    cfg: ModelConfig,
+    backend: BackendConfig,
+    mbs: int,
+    args: argparse.Namespace,
+    device: torch.device,
+    run_dir: str,
+) -> Trainer:
+    """The trainer of a one-process run of `cfg` with these kernels, built by train.build_training."""
+    run = RunConfig(
+        model=cfg,
+        train=TrainConfig(micro_batch_size=mbs, global_batch_size=mbs, precision="bf16", eval_interval=0,
+                          device=device.type),
+        data=DataConfig(seq_length=args.seq_length),
+        logging=LoggingConfig(run_dir=str(run_dir), tensorboard=False, progress_bar=False),
+        backend=backend,
+    ).validate()  # fmt: skip
+    ctx = ParallelContext.single(device, seed=run.train.seed, layout=plan_layout(run, 1))
+    parts = build_training(run, ctx, cfg.vocab_size)
+    data = RandomTokens(cfg.vocab_size, args.seq_length, mbs * (args.warmup + args.steps))
+    return Trainer(
+        run, parts.model, parts.optimizer, data, None, loss_fn=parts.loss_fn, device=device,
+        run_dir=run_dir, hooks=parts.hooks, step_context=lambda: fp8_context(parts.kernels),
+    )  # fmt: skip
+
+
 def _time_training_steps(
-    cfg: ModelConfig, choice: BackendChoice, mbs: int, args: argparse.Namespace, device: torch.device
+    cfg: ModelConfig, backend: BackendConfig, mbs: int, args: argparse.Namespace, device: torch.device
 ) -> float:
     """Seconds per training step, after the warm-up steps."""
     torch.manual_seed(0)
-    model = apply_backends(GPTModel(cfg).to(device), choice)
-    optimizer = build_optimizer(model, OptimConfig())
-    loss_fn = loss_function(choice)
-    tokens = torch.randint(0, cfg.vocab_size, (mbs, args.seq_length + 1), device=device)
-    x, y = tokens[:, :-1], tokens[:, 1:]
-
-    def step() -> None:
-        optimizer.zero_grad(set_to_none=True)
-        with torch.autocast(device.type, dtype=torch.bfloat16), fp8_context(choice):
-            logits = model(x)
-        loss, _ = loss_fn(logits, y, None, z_loss=cfg.z_loss)
-        loss.backward()
-        optimizer.step()
-
-    for _ in range(args.warmup):
-        step()
-    _sync(device)
-    if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats(device)
-    start = time.perf_counter()
-    for _ in range(args.steps):
-        step()
-    _sync(device)
-    return (time.perf_counter() - start) / args.steps
+    with tempfile.TemporaryDirectory() as run_dir:
+        trainer = build_trainer(cfg, backend, mbs, args, device, Path(run_dir))
+        for _ in range(args.warmup):
+            trainer.train_step()
+        _sync(device)
+        if device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(device)
+        start = time.perf_counter()
+        for _ in range(args.steps):
+            trainer.train_step()
+        _sync(device)
+        trainer.logger.close()
+        return (time.perf_counter() - start) / args.steps
 
 
 def _fill(row: Row, cfg: ModelConfig, step_s: float, args: argparse.Namespace, device: torch.device) -> Row:

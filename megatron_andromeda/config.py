@@ -20,234 +20,164 @@ from typing import Any
 
 import yaml
 
-
-class ConfigError(ValueError):
-    """A configuration that cannot run; the message names the field and what to do."""
+from megatron_andromeda.errors import ConfigError
+from megatron_andromeda.fields import check_fields, describe_section, option
+from megatron_andromeda.models.config import ModelConfig
+from megatron_andromeda.models.presets import get_preset
 
 
 # --------------------------------------------------------------------------------------------- sections
 @dataclass
-class ModelConfig:
-    """Architecture only: nothing here knows about devices or parallelism."""
-
-    name: str = "custom"
-    vocab_size: int = 50304
-    hidden_size: int = 768
-    num_layers: int = 12
-    num_heads: int = 8
-    head_dim: int | None = None  # default: hidden_size // num_heads
-    num_kv_heads: int = 1  # 1 = multi-query, num_heads = multi-head, between = grouped-query
-    ffn_hidden_size: int | None = None  # default: 4 * hidden_size (per SwiGLU branch)
-    block: str = "parallel"  # "parallel" (PaLM: attn + MLP from one norm) or "sequential" (pre-norm)
-    norm: str = "layernorm"  # "layernorm" (no bias) or "rmsnorm"
-    activation: str = "swiglu"  # "swiglu" or "gelu"
-    position_embedding: str = "rotary"  # "rotary" or "alibi"
-    rotary_base: float = 10000.0
-    rotary_interleaved: bool = True  # pairs (0,1),(2,3)... (GPT-J/Cohere); False: (i, i+d/2) (NeoX/Llama)
-    max_seq_length: int = 2048
-    tie_embeddings: bool = True
-    z_loss: float = 1e-4  # PaLM's auxiliary loss z_loss * logsumexp(logits)^2; 0 disables
-    norm_eps: float = 1e-5
-    init_std: float = 0.02
-    dropout: float = 0.0
-    logit_scale: float = 1.0  # logits are multiplied by this before the softmax
-
-    @property
-    def kv_channels(self) -> int:
-        return self.head_dim if self.head_dim is not None else self.hidden_size // self.num_heads
-
-    @property
-    def ffn_size(self) -> int:
-        return self.ffn_hidden_size if self.ffn_hidden_size is not None else 4 * self.hidden_size
-
-    def validate(self) -> None:
-        _check_choice("model.block", self.block, ("parallel", "sequential"))
-        _check_choice("model.norm", self.norm, ("layernorm", "rmsnorm"))
-        _check_choice("model.activation", self.activation, ("swiglu", "gelu"))
-        _check_choice("model.position_embedding", self.position_embedding, ("rotary", "alibi"))
-        for name in (
-            "vocab_size",
-            "hidden_size",
-            "num_layers",
-            "num_heads",
-            "num_kv_heads",
-            "max_seq_length",
-        ):
-            _check_positive(f"model.{name}", getattr(self, name))
-        if self.head_dim is None and self.hidden_size % self.num_heads:
-            raise ConfigError(
-                f"model.hidden_size={self.hidden_size} is not divisible by model.num_heads={self.num_heads}; "
-                "change one of them or set model.head_dim explicitly"
-            )
-        if self.num_heads % self.num_kv_heads:
-            raise ConfigError(
-                f"model.num_heads={self.num_heads} must be a multiple of model.num_kv_heads="
-                f"{self.num_kv_heads} (each KV head serves the same number of query heads)"
-            )
-        if self.position_embedding == "rotary" and self.kv_channels % 2:
-            raise ConfigError(f"rotary embeddings need an even head dimension, got {self.kv_channels}")
-        if not 0.0 <= self.dropout < 1.0:
-            raise ConfigError(f"model.dropout={self.dropout} must be in [0, 1)")
-        if self.z_loss < 0:
-            raise ConfigError(f"model.z_loss={self.z_loss} must be >= 0")
-
-
-@dataclass
 class ParallelConfig:
     """How the world is split. The product of the degrees must equal the number of processes."""
 
-    tensor: int = 1
-    pipeline: int = 1
-    data: int | None = None  # default: world_size // (tensor * pipeline)
-    context: int = 1  # reserved: context parallelism is not implemented yet
-    sequence_parallel: bool = False
-    virtual_stages: int = 1  # > 1 selects the interleaved 1F1B schedule
-    schedule: str = "1f1b"  # "gpipe", "1f1b" (interleaved when virtual_stages > 1)
-    layers_per_stage: list[int] | None = None  # explicit split; default balanced
-    distributed_optimizer: bool = False  # ZeRO-1: shard optimizer state over the data group
-    recompute: str = "none"  # "none", "full" (whole layer), "selective" (attention core)
-    comm_timeout_s: float = 600.0
+    tensor: int = option(1, "tensor-parallel degree (heads, FFN and vocabulary split)", min=1)
+    pipeline: int = option(1, "pipeline stages", min=1)
+    data: int | None = option(None, "data-parallel degree; default world_size // (tensor x pipeline)", min=1)
+    context: int = option(1, "reserved: context parallelism is not built, must be 1")
+    sequence_parallel: bool = option(False, "split norms/dropout activations along the sequence (tensor > 1)")
+    virtual_stages: int = option(1, "model chunks per pipeline rank; > 1 selects interleaved 1F1B", min=1)
+    schedule: str = option("1f1b", "pipeline schedule (interleaved when virtual_stages > 1)",
+                           choices=("gpipe", "1f1b"))  # fmt: skip
+    layers_per_stage: list[int] | None = option(
+        None, "explicit layer counts, one per (virtual) stage in stage order; default balanced"
+    )
+    distributed_optimizer: bool = option(False, "ZeRO-1: shard the optimizer state over the data group")
+    recompute: str = option("none", "activation recomputation: none, full (whole block), selective "
+                            "(attention core)", choices=("none", "full", "selective"))  # fmt: skip
+    comm_timeout_s: float = option(600.0, "seconds a collective may wait before the run fails", above=0.0)
 
     def validate(self) -> None:
-        for name in ("tensor", "pipeline", "context", "virtual_stages"):
-            _check_positive(f"parallel.{name}", getattr(self, name))
-        if self.data is not None:
-            _check_positive("parallel.data", self.data)
         if self.context != 1:
             raise ConfigError("parallel.context is reserved and must be 1 (context parallelism is not built)")
-        _check_choice("parallel.schedule", self.schedule, ("gpipe", "1f1b"))
-        _check_choice("parallel.recompute", self.recompute, ("none", "full", "selective"))
+        check_fields(self, "parallel")
         if self.sequence_parallel and self.tensor == 1:
             raise ConfigError("parallel.sequence_parallel needs parallel.tensor > 1")
 
 
 @dataclass
 class OptimConfig:
-    lr: float = 3e-4
-    min_lr: float = 3e-5  # floor of the decay
-    weight_decay: float = 0.1
-    decay_norms_and_embeddings: bool = False  # False: no weight decay on norms and embeddings
-    beta1: float = 0.9
-    beta2: float = 0.95
-    eps: float = 1e-8
-    warmup_steps: int = 100
-    decay_style: str = "cosine"  # "cosine", "linear" or "constant"
-    decay_steps: int | None = None  # default: train.steps - warmup
-    clip_grad: float = 1.0  # 0 disables clipping
+    lr: float = option(3e-4, "peak learning rate", above=0.0)
+    min_lr: float = option(3e-5, "floor of the decay", min=0.0)
+    weight_decay: float = option(0.1, "AdamW's decoupled weight decay", min=0.0)
+    decay_norms_and_embeddings: bool = option(False, "also decay norms and embeddings")
+    beta1: float = option(0.9, "Adam's first-moment decay", min=0.0, below=1.0)
+    beta2: float = option(0.95, "Adam's second-moment decay", min=0.0, below=1.0)
+    eps: float = option(1e-8, "Adam's epsilon", above=0.0)
+    warmup_steps: int = option(100, "linear warmup steps", min=0)
+    decay_style: str = option("cosine", "decay after warmup", choices=("cosine", "linear", "constant"))
+    decay_steps: int | None = option(None, "steps of the decay; default train.steps - warmup_steps", min=1)
+    clip_grad: float = option(1.0, "global gradient-norm clip; 0 disables", min=0.0)
 
     def validate(self) -> None:
-        _check_choice("optim.decay_style", self.decay_style, ("cosine", "linear", "constant"))
-        if self.lr <= 0 or self.min_lr < 0 or self.min_lr > self.lr:
-            raise ConfigError(
-                f"need 0 <= optim.min_lr <= optim.lr and lr > 0 (lr={self.lr}, min_lr={self.min_lr})"
-            )
-        if self.warmup_steps < 0:
-            raise ConfigError("optim.warmup_steps must be >= 0")
-        if not (0 <= self.beta1 < 1 and 0 <= self.beta2 < 1):
-            raise ConfigError("optim.beta1 and optim.beta2 must be in [0, 1)")
-        if self.clip_grad < 0:
-            raise ConfigError("optim.clip_grad must be >= 0 (0 disables clipping)")
+        check_fields(self, "optim")
+        if self.min_lr > self.lr:
+            raise ConfigError(f"optim.min_lr={self.min_lr} must not exceed optim.lr={self.lr}")
 
 
 @dataclass
 class TrainConfig:
-    steps: int = 1000
-    micro_batch_size: int = 4
-    global_batch_size: int = 32  # = micro_batch_size * accumulation steps * data-parallel degree
-    precision: str = "fp32"  # "fp32", "bf16" (autocast) or "fp16" (dynamic loss scaling)
-    seed: int = 1234
-    device: str = "auto"  # "auto" (cuda when present), "cpu" or "cuda"
-    eval_interval: int = 100  # 0 disables periodic validation
-    eval_batches: int = 10
-    threads: int | None = None  # torch intra-op threads on CPU; default: torch's own choice
-    max_consecutive_skips: int = 10  # non-finite steps in a row before the run stops
-    init_from: str = ""  # a checkpoint directory whose weights start the run (no optimizer state)
-    exit_interval: int = 0  # save and exit when the step is a multiple of this (time-limited jobs); 0: never
+    steps: int = option(1000, "optimizer steps", min=1)
+    micro_batch_size: int = option(4, "samples per forward/backward on one rank", min=1)
+    global_batch_size: int = option(
+        32, "samples per step: micro_batch_size x accumulation x data degree", min=1
+    )
+    precision: str = option("fp32", "fp32, bf16 or fp16 (half-precision weights, fp32 master copies)",
+                            choices=("fp32", "bf16", "fp16"))  # fmt: skip
+    seed: int = option(1234, "seed of the weights and of dropout", min=0)
+    device: str = option("auto", "auto (cuda when present), cpu or cuda", choices=("auto", "cpu", "cuda"))
+    eval_interval: int = option(100, "steps between validations; 0 disables", min=0)
+    eval_batches: int = option(10, "global batches per validation", min=0)
+    threads: int | None = option(None, "torch intra-op threads on CPU; default torch's own choice", min=1)
+    max_consecutive_skips: int = option(10, "non-finite steps in a row before the run stops", min=1)
+    init_from: str = option("", "a checkpoint whose weights start the run (no optimizer state)")
+    exit_interval: int = option(
+        0, "save and exit at multiples of this step (time-limited jobs); 0 never", min=0
+    )
 
     def validate(self) -> None:
-        _check_positive("train.steps", self.steps)
-        _check_positive("train.micro_batch_size", self.micro_batch_size)
-        _check_positive("train.global_batch_size", self.global_batch_size)
-        _check_choice("train.precision", self.precision, ("fp32", "bf16", "fp16"))
-        _check_choice("train.device", self.device, ("auto", "cpu", "cuda"))
+        check_fields(self, "train")
         if self.global_batch_size % self.micro_batch_size:
             raise ConfigError(
                 f"train.global_batch_size={self.global_batch_size} must be a multiple of "
                 f"train.micro_batch_size={self.micro_batch_size}"
             )
+        if self.eval_interval and not self.eval_batches:
+            raise ConfigError(
+                f"train.eval_interval={self.eval_interval} asks for validation but train.eval_batches=0; "
+                "set train.eval_batches >= 1 or train.eval_interval=0"
+            )
 
 
 @dataclass
 class DataConfig:
-    tokenizer: str = ""  # a tokenizer.json (HF tokenizers) or a SentencePiece .model file
-    # Megatron-style blends: ["prefix"] or ["0.7", "prefixA", "0.3", "prefixB"] (weights then prefixes).
-    train: list[str] = field(default_factory=list)
-    valid: list[str] = field(default_factory=list)
-    test: list[str] = field(default_factory=list)
-    recipe: str = ""  # a stage recipe YAML (sources with weights or token budgets) instead of the lists
-    seq_length: int = 1024
-    seed: int = 1234
-    reset_position_ids: bool = False  # restart positions after each end-of-document token
-    reset_attention_mask: bool = False  # no attention across end-of-document tokens
-    eod_mask_loss: bool = False  # no loss on predicting the token after an end-of-document
-    cache_dir: str = ""  # where index caches go; default: beside the dataset
-    num_workers: int = 0
+    tokenizer: str = option("", "a tokenizer.json (HF tokenizers) or a SentencePiece .model file")
+    train: list[str] = option(
+        help="Megatron-style blend: [prefix] or [weight, prefix, weight, prefix, ...]", factory=list
+    )
+    valid: list[str] = option(help="validation blend, as data.train", factory=list)
+    test: list[str] = option(help="test blend, as data.train", factory=list)
+    recipe: str = option("", "a stage recipe YAML (sources with weights or token budgets) instead of train")
+    seq_length: int = option(1024, "tokens per sample", min=1)
+    seed: int = option(1234, "seed of the sample shuffle", min=0)
+    reset_position_ids: bool = option(False, "restart positions after each end-of-document token")
+    reset_attention_mask: bool = option(False, "no attention across end-of-document tokens")
+    eod_mask_loss: bool = option(False, "no loss on predicting the token after an end-of-document")
+    cache_dir: str = option("", "where index caches go; default beside the dataset")
 
     def validate(self) -> None:
-        _check_positive("data.seq_length", self.seq_length)
+        check_fields(self, "data")
         if self.recipe and self.train:
             raise ConfigError("set either data.recipe or data.train, not both")
 
 
 @dataclass
 class CheckpointConfig:
-    save_dir: str = ""  # empty: no checkpoints
-    save_interval: int = 0  # steps; 0 saves only at the end (when save_dir is set)
-    keep_last: int = 3
-    load_dir: str = ""  # resume from here (default: save_dir, when it holds a checkpoint)
-    async_save: bool = False
+    save_dir: str = option("", "where checkpoints go; empty: none")
+    save_interval: int = option(0, "steps between saves; 0 saves only at the end", min=0)
+    keep_last: int = option(3, "complete checkpoints kept", min=1)
+    load_dir: str = option("", "resume from here (default: save_dir, when it holds a checkpoint)")
+    async_save: bool = option(False, "write checkpoints in the background")
 
     def validate(self) -> None:
-        if self.save_interval < 0 or self.keep_last < 1:
-            raise ConfigError("checkpoint.save_interval must be >= 0 and checkpoint.keep_last >= 1")
+        check_fields(self, "checkpoint")
 
 
 @dataclass
 class LoggingConfig:
-    run_dir: str = "runs/default"
-    log_interval: int = 10
-    tensorboard: bool = True  # used when tensorboard is installed
-    wandb: bool = False
-    wandb_project: str = "andromeda"
-    progress_bar: bool = True
-    peak_flops: float | None = None  # device peak FLOP/s for MFU where the built-in table lacks it
+    run_dir: str = option("runs/default", "metrics, the resolved config and reports go here")
+    log_interval: int = option(10, "steps between metric lines", min=1)
+    tensorboard: bool = option(True, "write TensorBoard events (when tensorboard is installed)")
+    wandb: bool = option(False, "log to Weights & Biases")
+    wandb_project: str = option("andromeda", "the W&B project")
+    progress_bar: bool = option(True, "a progress bar on the console")
+    peak_flops: float | None = option(None, "device peak FLOP/s for MFU where the built-in table lacks it",
+                                      above=0.0)  # fmt: skip
 
     def validate(self) -> None:
-        _check_positive("logging.log_interval", self.log_interval)
+        check_fields(self, "logging")
 
 
 @dataclass
 class BackendConfig:
     """The `backend` section: which kernels to use; `auto` takes the fastest one installed."""
 
-    attention: str = "auto"  # "auto", "sdpa" (torch's fused kernels), "flash" (flash-attn 2 or 3)
-    linear: str = "auto"  # "auto", "torch" (nn.Linear), "te" (Transformer Engine)
-    fp8: str = "none"  # "none", "delayed" or "current" scaling (needs TE and compute capability >= 8.9)
-    rotary: str = "auto"  # "auto", "torch", "flash" (flash-attn's Triton kernel)
-    cross_entropy: str = "auto"  # "auto", "torch", "flash" (flash-attn's Triton kernel, z-loss fused)
-    compile: bool = False  # torch.compile each transformer block
+    attention: str = option("auto", "sdpa (torch's fused kernels) or flash (flash-attn 2 or 3)",
+                            choices=("auto", "sdpa", "flash"))  # fmt: skip
+    linear: str = option(
+        "auto", "torch (nn.Linear) or te (Transformer Engine)", choices=("auto", "torch", "te")
+    )
+    fp8: str = option("none", "FP8 scaling through Transformer Engine (compute capability >= 8.9)",
+                      choices=("none", "delayed", "current"))  # fmt: skip
+    rotary: str = option(
+        "auto", "torch or flash (flash-attn's Triton kernel)", choices=("auto", "torch", "flash")
+    )
+    cross_entropy: str = option("auto", "torch or flash (flash-attn's Triton kernel, z-loss fused)",
+                                choices=("auto", "torch", "flash"))  # fmt: skip
+    compile: bool = option(False, "torch.compile each transformer block")
 
     def validate(self) -> None:
-        for name, choices in (
-            ("attention", ("auto", "sdpa", "flash")),
-            ("linear", ("auto", "torch", "te")),
-            ("fp8", ("none", "delayed", "current")),
-            ("rotary", ("auto", "torch", "flash")),
-            ("cross_entropy", ("auto", "torch", "flash")),
-        ):
-            value = getattr(self, name)
-            if value not in choices:
-                raise ConfigError(f"backend.{name}={value!r} is not one of {', '.join(choices)}")
+        check_fields(self, "backend")
         if self.fp8 != "none" and self.linear == "torch":
             raise ConfigError(
                 f"backend.fp8={self.fp8} runs through Transformer Engine: set backend.linear=te or auto"
@@ -262,33 +192,32 @@ class StageConfig:
     `data.recipe` / `data.train` / `data.valid`.
     """
 
-    name: str = ""
-    recipe: str = ""  # the stage's data recipe (examples/data/*.yaml) ...
-    train: list[str] = field(default_factory=list)  # ... or a blend list
-    valid: list[str] = field(default_factory=list)
-    tokens: float | None = None  # token budget: steps = ceil(tokens / (global batch x seq length))
-    steps: int | None = None  # or a step count
-    lr: float | None = None
-    min_lr: float | None = None
-    warmup_steps: int | None = None
-    lr_schedule: str = "rewarm"  # "rewarm": warm up and decay within the stage; "continue": one schedule
-    freeze: list[str] = field(default_factory=list)  # fnmatch patterns of parameter names not trained
-    init_from: str = "previous"  # "previous" (the last stage's final weights; none for the first), "none",
-    # or a checkpoint path
-    reset_attention_mask: bool | None = None  # e.g. true for packed chat data
-    reset_position_ids: bool | None = None
+    name: str = option("", "names the stage's checkpoint and log folders")
+    recipe: str = option("", "the stage's data recipe (examples/data/*.yaml) ...")
+    train: list[str] = option(help="... or a blend list", factory=list)
+    valid: list[str] = option(help="validation blend of the stage", factory=list)
+    tokens: float | None = option(None, "token budget: steps = ceil(tokens / (global batch x seq length))",
+                                  above=0.0)  # fmt: skip
+    steps: int | None = option(None, "or a step count", min=1)
+    lr: float | None = option(None, "the stage's peak learning rate", above=0.0)
+    min_lr: float | None = option(None, "the stage's learning-rate floor", min=0.0)
+    warmup_steps: int | None = option(None, "the stage's warmup", min=0)
+    lr_schedule: str = option("rewarm", "rewarm: warm up and decay within the stage; continue: one schedule",
+                              choices=("rewarm", "continue"))  # fmt: skip
+    freeze: list[str] = option(help="fnmatch patterns of parameter names not trained", factory=list)
+    init_from: str = option("previous", "previous (the last stage's weights), none, or a checkpoint path")
+    reset_attention_mask: bool | None = option(None, "e.g. true for packed chat data")
+    reset_position_ids: bool | None = option(None, "restart positions at document ends")
 
     def validate(self, index: int) -> None:
         where = f"stages[{index}] ({self.name or 'unnamed'})"
         if not self.name:
             raise ConfigError(f"{where}: every stage needs a name (it names its checkpoint and log folders)")
+        check_fields(self, where)
         if (self.tokens is None) == (self.steps is None):
             raise ConfigError(f"{where}: give exactly one of tokens and steps")
-        if (self.tokens is not None and self.tokens <= 0) or (self.steps is not None and self.steps <= 0):
-            raise ConfigError(f"{where}: tokens / steps must be positive")
         if bool(self.recipe) == bool(self.train):
             raise ConfigError(f"{where}: give exactly one of recipe and train")
-        _check_choice(f"{where}.lr_schedule", self.lr_schedule, ("rewarm", "continue"))
 
 
 @dataclass
@@ -329,11 +258,44 @@ class RunConfig:
             )
         return self
 
+    def warnings(self) -> list[str]:
+        """Settings that can run but are probably not what was meant (printed at start-up)."""
+        found = []
+        if self.optim.warmup_steps > self.train.steps and not self.stages:
+            found.append(
+                f"optim.warmup_steps={self.optim.warmup_steps} exceeds train.steps={self.train.steps}: "
+                "the learning rate never reaches optim.lr"
+            )
+        return found
+
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
 
     def to_json(self) -> str:
         return json.dumps(self.to_dict(), indent=2, sort_keys=True)
+
+
+SECTIONS: dict[str, type] = {f.name: f.type for f in dataclasses.fields(RunConfig) if f.name != "stages"}
+
+
+def describe_config(section: str | None = None) -> str:
+    """Every config key with its type, default and meaning (`--help [SECTION]` of the train entry point)."""
+    hints = typing.get_type_hints(RunConfig)
+    names = list(hints) if section is None else [section]
+    lines = []
+    for name in names:
+        if name not in hints:
+            raise ConfigError(f"unknown config section {name!r} (sections: {', '.join(hints)})")
+        cls = hints[name]
+        if name == "stages":
+            cls, name = StageConfig, "stages[i]"
+        lines.append(f"{name}:")
+        lines.extend(describe_section(cls, name))
+        if name == "model":
+            lines.append(
+                "  model=NAME starts from a preset (tools/model_info.py lists them); model.x=... refines it"
+            )
+    return "\n".join(lines)
 
 
 # --------------------------------------------------------------------------------------------- loading
@@ -359,8 +321,6 @@ def config_from_dict(raw: dict[str, Any]) -> RunConfig:
     if isinstance(model_raw, str):  # `model: andromeda-1b`
         model_raw = {"preset": model_raw}
     if isinstance(model_raw, dict) and "preset" in model_raw:
-        from megatron_andromeda.presets import get_preset
-
         model_raw = dict(model_raw)
         base = dataclasses.asdict(get_preset(model_raw.pop("preset")))
         base.update(model_raw)
@@ -454,16 +414,6 @@ def _coerce(value: Any, hint: Any, dotted: str) -> Any:
             return str(value)
         raise ConfigError(f"{dotted} must be a string, got {value!r}")
     return value
-
-
-def _check_choice(name: str, value: str, choices: tuple[str, ...]) -> None:
-    if value not in choices:
-        raise ConfigError(f"{name}={value!r} is not one of {', '.join(choices)}")
-
-
-def _check_positive(name: str, value: int) -> None:
-    if value <= 0:
-        raise ConfigError(f"{name}={value} must be positive")
 
 
 def save_resolved_config(config: RunConfig, run_dir: str | Path) -> Path:

@@ -43,6 +43,13 @@ from dataclasses import asdict, dataclass
 
 from megatron_andromeda.config import ConfigError, ModelConfig
 from megatron_andromeda.models.accounting import training_flops_per_token
+from megatron_andromeda.parallel.layout import (
+    check_batch,
+    check_schedule,
+    check_sequence_parallel,
+    check_tensor_parallel,
+    split_layers,
+)
 
 GIB = 2**30
 # Dense bf16 peak TFLOP/s and memory (GiB) per GPU.
@@ -376,19 +383,15 @@ class Plan:
 
 
 def layout_problem(cfg: ModelConfig, layout: Layout, global_batch: int, seq_length: int) -> str | None:
-    """Why a layout cannot run this model (None if it can): the checks of parallel.validate_layout."""
-    t = layout.tensor
-    if cfg.num_heads % t or (cfg.num_kv_heads % t and t % cfg.num_kv_heads):
-        return f"tensor {t} does not divide the heads ({cfg.num_heads} query, {cfg.num_kv_heads} KV)"
-    if cfg.ffn_size % t or cfg.vocab_size % t:
-        return f"tensor {t} does not divide ffn {cfg.ffn_size} / vocab {cfg.vocab_size}"
-    if layout.pipeline > cfg.num_layers:
-        return f"pipeline {layout.pipeline} exceeds {cfg.num_layers} layers"
-    if global_batch % (layout.micro_batch_size * layout.data):
-        per_step = layout.micro_batch_size * layout.data
-        return f"global batch {global_batch} is not a multiple of micro-batch x data = {per_step}"
-    if layout.sequence_parallel and (t == 1 or seq_length % t):
-        return "sequence parallelism needs tensor > 1 dividing the sequence length"
+    """Why a layout cannot run this model (None if it can): the very rules of parallel/layout.py."""
+    try:
+        check_tensor_parallel(cfg, layout.tensor)
+        split_layers(cfg.num_layers, layout.pipeline, layout.virtual_stages)
+        micro_batches = check_batch(global_batch, layout.micro_batch_size, layout.data)
+        check_schedule(layout.pipeline, layout.virtual_stages, "1f1b", micro_batches)
+        check_sequence_parallel(layout.sequence_parallel, layout.tensor, seq_length)
+    except ConfigError as err:
+        return str(err)
     return None
 
 

@@ -19,59 +19,70 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from megatron_andromeda.backends import (
-    BackendChoice,
-    apply_backends,
-    fp8_context,
-    loss_function,
-    select_backends,
+from megatron_andromeda.builder import build_loss_fn, build_model
+from megatron_andromeda.checkpoint import Placement, load_model_weights, resolve_checkpoint
+from megatron_andromeda.config import (
+    DataConfig,
+    RunConfig,
+    describe_config,
+    load_config,
+    save_resolved_config,
 )
-from megatron_andromeda.checkpoint import Placement, load_model_weights
-from megatron_andromeda.config import ConfigError, DataConfig, RunConfig, load_config, save_resolved_config
 from megatron_andromeda.data.builder import build_datasets, parse_blend
 from megatron_andromeda.data.recipe import resolve_data_config
-from megatron_andromeda.models import GPTModel
-from megatron_andromeda.parallel import ParallelContext, init_parallel, make_loss_fn, validate_layout
-from megatron_andromeda.parallel.hooks import build_parallel_training
-from megatron_andromeda.parallel.pipeline import (
-    build_pipeline_model,
-    build_pipeline_schedule,
-    check_pipeline_config,
-    sync_tied_embedding_weights,
-)
-from megatron_andromeda.parallel.recompute import apply_recompute
-from megatron_andromeda.training.checkpoint import read_model_state, resolve_checkpoint
-from megatron_andromeda.training.optim import build_optimizer
+from megatron_andromeda.errors import TRACEBACK_ENV, ConfigError, report_user_errors
+from megatron_andromeda.kernels import BackendChoice, fp8_context, select_backends
+from megatron_andromeda.parallel import ParallelContext, init_parallel, plan_layout
+from megatron_andromeda.parallel.context import world_size_from_env
+from megatron_andromeda.parallel.data_parallel import DEFAULT_BUCKET_NUMEL
+from megatron_andromeda.parallel.hooks import ParallelHooks, build_parallel_training
+from megatron_andromeda.parallel.mixed_precision import precision_dtype
+from megatron_andromeda.parallel.pipeline import build_pipeline_schedule, sync_tied_embedding_weights
+from megatron_andromeda.training.optim import parameter_groups
 from megatron_andromeda.training.stages import plan_stages
-from megatron_andromeda.training.trainer import ParallelHooks, Trainer, TrainState
+from megatron_andromeda.training.trainer import Trainer, TrainState
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
         prog="python -m megatron_andromeda.train",
         description="Train an Andromeda (PaLM / MPT-style) decoder.",
-        epilog="Overrides use dotted keys, e.g. model=andromeda-100m model.num_layers=4 train.steps=100",
+        epilog="Overrides use dotted keys, e.g. model=andromeda-100m model.num_layers=4 train.steps=100. "
+        "`--help SECTION` lists one section's keys. Expected errors print one line; "
+        f"{TRACEBACK_ENV}=1 shows their traceback.",
+        add_help=False,
     )
     parser.add_argument("--config", type=str, default=None, help="YAML run config (see examples/configs/)")
+    parser.add_argument(
+        "-h", "--help", nargs="?", const="all", metavar="SECTION",
+        help="show this help and every config key (type, default, meaning), or one SECTION's keys",
+    )  # fmt: skip
     parser.add_argument("overrides", nargs="*", help="section.key=value overrides applied after the file")
-    return parser.parse_args(argv)
+    args = parser.parse_args(argv)
+    if args.help is not None:
+        if args.help == "all":
+            parser.print_help()
+            print("\nconfig keys (YAML sections, or section.key=value on the command line):")
+        with report_user_errors():
+            print(describe_config(None if args.help == "all" else args.help))
+        sys.exit(0)
+    return args
 
 
 def main(argv: list[str] | None = None) -> TrainState:
     args = parse_args(argv)
-    try:
+    with report_user_errors():
         cfg = load_config(args.config, args.overrides)
-    except ConfigError as err:
-        sys.exit(f"config error: {err}")
-    return run(cfg)
+        return run(cfg)
 
 
 def run(cfg: RunConfig) -> TrainState:
     """Train with a validated config (every stage in order, for a multi-stage run)."""
-    world_size = int(os.environ.get("WORLD_SIZE", "1"))
-    layout = validate_layout(cfg.parallel, cfg.model, world_size, cfg.data.seq_length)
-    check_pipeline_config(cfg, layout.dp)  # both before any process group exists
-    ctx = init_parallel(cfg)
+    layout = plan_layout(cfg, world_size_from_env())  # every layout rule, before any process group
+    if int(os.environ.get("RANK", "0")) == 0:
+        for warning in cfg.warnings():
+            print(f"warning: {warning}", file=sys.stderr, flush=True)
+    ctx = init_parallel(cfg, layout)
     try:
         if not cfg.stages:
             return run_stage(cfg, ctx)
@@ -109,9 +120,9 @@ def run_stage(
         cfg, parts.model, parts.optimizer, train_data, valid_data,
         loss_fn=parts.loss_fn, device=ctx.device, run_dir=run_dir, hooks=parts.hooks,
         lr_step_offset=lr_step_offset, lr_total_steps=lr_total_steps,
-        step_context=lambda: fp8_context(parts.backends),
+        step_context=lambda: fp8_context(parts.kernels),
     )  # fmt: skip
-    trainer.logger.print(f"backends: {parts.backends.describe()}")
+    trainer.logger.print(f"kernels: {parts.kernels.describe()}")
     resume_from = cfg.checkpoint.load_dir or cfg.checkpoint.save_dir
     if not (resume_from and trainer.resume(resume_from)):
         total = sum(p.numel() for p in parts.model.parameters())
@@ -130,40 +141,41 @@ class TrainingParts:
     optimizer: torch.optim.Optimizer
     hooks: ParallelHooks
     loss_fn: Callable
-    backends: BackendChoice
+    kernels: BackendChoice
     frozen: int
 
 
-def build_training(cfg: RunConfig, ctx: ParallelContext, real_vocab_size: int, freeze: Sequence[str] = ()):
-    """Model (sharded for this rank), kernels, optimizer, loss and loop hooks.
+def build_training(
+    cfg: RunConfig,
+    ctx: ParallelContext,
+    real_vocab_size: int,
+    freeze: Sequence[str] = (),
+    *,
+    bucket_numel: int = DEFAULT_BUCKET_NUMEL,
+) -> TrainingParts:
+    """This rank's model (builder.build_model), optimizer, loss and loop hooks; one path for any layout.
 
-    One process keeps plain fp32 parameters under torch's AdamW (autocast for bf16); several
-    processes go through parallel/: tensor sharding, bucketed gradient reduction overlapped with
-    backward, the replicated or ZeRO-1 optimizer with fp32 master weights.
+    One process runs the same recipe as many: half-precision parameters with fp32 master weights
+    and fp32 gradient buckets, the replicated or ZeRO-1 optimizer, the hooks' reductions (no-ops).
     """
-    if ctx.distributed:
-        model = build_pipeline_model(cfg, ctx)  # this rank's stage(s), tensor-sharded, recompute applied
-        if cfg.train.init_from:  # any saved layout: each rank reads the slices it holds
-            load_model_weights(cfg.train.init_from, model, Placement.from_context(ctx))
-            sync_tied_embedding_weights(model, ctx)
-    else:
-        model = apply_recompute(build_model(cfg), cfg.parallel.recompute).to(ctx.device)
-    backends = select_backends(cfg.backend, ctx.device, precision=cfg.train.precision,
-                               tensor_parallel=cfg.parallel.tensor)  # fmt: skip
-    apply_backends(model, backends)  # new modules: before the optimizer sees the parameters
+    kernels = select_backends(
+        cfg.backend, ctx.device, precision=cfg.train.precision, tensor_parallel=ctx.tp_size
+    )
+    model = build_model(cfg, ctx, kernels)
+    if cfg.train.init_from:  # any saved layout: each rank reads the slices it holds
+        load_model_weights(cfg.train.init_from, model, Placement.from_context(ctx))
+        sync_tied_embedding_weights(model, ctx)
     frozen = freeze_parameters(model, freeze)
-    if backends.cross_entropy == "flash" and ctx.tp_size == 1:
-        loss_fn = loss_function(backends)
-    else:
-        loss_fn = make_loss_fn(ctx, real_vocab_size=real_vocab_size)  # padding ids masked out
-    if not ctx.distributed:
-        return TrainingParts(
-            model, build_optimizer(model, cfg.optim), ParallelHooks(), loss_fn, backends, frozen
+    loss_fn = build_loss_fn(ctx, kernels, real_vocab_size)  # padding ids masked out
+    schedule = None
+    if ctx.pp_size > 1:
+        dtype = precision_dtype(cfg.train.precision)
+        schedule = build_pipeline_schedule(
+            ctx, cfg.model, cfg.data.seq_length, dtype, comm_timeout_s=cfg.parallel.comm_timeout_s
         )
-    schedule = build_pipeline_schedule(ctx, cfg) if ctx.pp_size > 1 else None
-    parallel = build_parallel_training(ctx, model, cfg, schedule=schedule)
-    parallel.hooks.loss_scaler = parallel.loss_scaler
-    return TrainingParts(model, parallel.optimizer, parallel.hooks, loss_fn, backends, frozen)
+    groups = parameter_groups(model, cfg.optim)
+    parallel = build_parallel_training(ctx, model, cfg, groups, schedule=schedule, bucket_numel=bucket_numel)
+    return TrainingParts(model, parallel.optimizer, parallel.hooks, loss_fn, kernels, frozen)
 
 
 def freeze_parameters(model: torch.nn.Module, patterns: Sequence[str]) -> int:
@@ -192,15 +204,6 @@ def write_data_report(run_dir: Path, data_cfg, train_data, consumed: int, seq_le
     path = run_dir / "data_report.json"
     path.write_text(json.dumps({"consumed_samples": consumed, "sources": sources}, indent=2))
     return path
-
-
-def build_model(cfg: RunConfig) -> GPTModel:
-    """The full model with weights drawn from the run's seed, or loaded from `train.init_from`."""
-    model = GPTModel(cfg.model, init_seed=cfg.train.seed)
-    if cfg.train.init_from:
-        _, state = read_model_state(cfg.train.init_from)
-        model.load_state_dict(state)
-    return model
 
 
 def seed_everything(seed: int) -> None:

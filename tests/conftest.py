@@ -3,6 +3,8 @@
 import pytest
 import torch
 
+pytest_plugins = ["fake_kernels"]  # fake_flash / fake_te fixtures for any test file
+
 
 @pytest.fixture(autouse=True)
 def _deterministic_torch():

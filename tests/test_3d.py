@@ -1,7 +1,7 @@
 """3D parallelism: tensor 2 x pipeline 2 x data 2 on 8 gloo processes against one process.
 
-The real Trainer runs 10 steps with the parallel package's optimizer and hooks (parallel/hooks.py)
-and the pipeline schedule; the single-process baseline is the Trainer with torch's AdamW. Losses and
+The real Trainer, built as train.py builds it, runs 10 steps with the parallel package's optimizer,
+hooks and pipeline schedule; the single-process baseline is the Trainer with torch's AdamW. Losses and
 gradient norms (clipping is active, so the tied embedding must be counted once) must agree within
 rtol 1e-5 / atol 1e-6. One spawn runs both cases: 1F1B with sequence parallelism and full
 recomputation, and the interleaved schedule with selective recomputation.
@@ -15,14 +15,11 @@ from pathlib import Path
 
 import pytest
 import torch
+import training_helpers
+from hang_guard import HANG_GUARD_S
 
 from megatron_andromeda.config import RunConfig, load_config
-from megatron_andromeda.models import GPTModel, language_model_loss
-from megatron_andromeda.parallel import ParallelContext, RankLayout, make_loss_fn
-from megatron_andromeda.parallel.hooks import build_parallel_training
-from megatron_andromeda.parallel.pipeline import build_pipeline_model, build_pipeline_schedule
 from megatron_andromeda.parallel.testing import run_distributed
-from megatron_andromeda.training.optim import build_optimizer
 from megatron_andromeda.training.trainer import Trainer
 
 VOCAB, SEQ, STEPS = 64, 8, 10
@@ -48,19 +45,8 @@ CASES = {
 }
 
 
-class Tokens:
-    """Deterministic samples with a learnable pattern (next = previous + 1 mod vocabulary)."""
-
-    def __init__(self, n: int = 512):
-        starts = torch.randint(0, VOCAB, (n,), generator=torch.Generator().manual_seed(0))
-        self.data = (starts[:, None] + torch.arange(SEQ + 1)[None]) % VOCAB
-
-    def __len__(self) -> int:
-        return len(self.data)
-
-    def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
-        row = self.data[i]
-        return {"tokens": row[:-1], "labels": row[1:], "loss_mask": torch.ones(SEQ)}
+def Tokens(n: int = 512) -> training_helpers.Tokens:
+    return training_helpers.Tokens(VOCAB, SEQ, n)
 
 
 def run_config(root: Path, case: str, parallel: bool) -> RunConfig:
@@ -99,16 +85,9 @@ def train(trainer: Trainer) -> dict[str, list[float]]:
 
 
 def three_d_run(root: Path, case: str) -> dict[str, list[float]]:
-    """The integration the lead's train.py needs, line for line."""
+    """This rank's trainer as train.py builds it (train.build_training)."""
     cfg = run_config(root, case, parallel=True)
-    ctx = ParallelContext.build(RankLayout(tp=2, pp=2, dp=2), seed=cfg.train.seed)
-    model = build_pipeline_model(cfg, ctx)
-    parallel = build_parallel_training(ctx, model, cfg, schedule=build_pipeline_schedule(ctx, cfg))
-    trainer = Trainer(
-        cfg, model, parallel.optimizer, Tokens(), None, loss_fn=make_loss_fn(ctx), device=torch.device("cpu"),
-        run_dir=root / "run", hooks=parallel.hooks,
-    )  # fmt: skip
-    trainer.params = [p for group in parallel.optimizer.param_groups for p in group["params"]]
+    trainer, _ = training_helpers.product_trainer(cfg, Tokens(), root)
     return train(trainer)
 
 
@@ -120,17 +99,12 @@ def checks_on_rank(root: str) -> dict:
 @functools.cache
 def spawn_results() -> list[dict]:
     with tempfile.TemporaryDirectory() as root:
-        return run_distributed(checks_on_rank, 8, root=root, timeout_s=600)
+        return run_distributed(checks_on_rank, 8, root=root, timeout_s=HANG_GUARD_S)
 
 
 def reference(root: Path, case: str) -> dict[str, list[float]]:
     cfg = run_config(root, case, parallel=False)
-    model = GPTModel(cfg.model, init_seed=cfg.train.seed)
-    trainer = Trainer(
-        cfg, model, build_optimizer(model, cfg.optim), Tokens(), None, loss_fn=language_model_loss,
-        device=torch.device("cpu"), run_dir=root / "run",
-    )  # fmt: skip
-    return train(trainer)
+    return train(training_helpers.reference_trainer(cfg, Tokens(), root))
 
 
 @pytest.mark.parametrize("case", list(CASES))

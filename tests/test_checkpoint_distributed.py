@@ -19,13 +19,13 @@ from pathlib import Path
 import pytest
 import torch
 import torch.distributed as dist
+import training_helpers
+from hang_guard import HANG_GUARD_S
 
 from megatron_andromeda.checkpoint import Checkpointer, Placement
 from megatron_andromeda.config import RunConfig, load_config
 from megatron_andromeda.models import GPTModel, language_model_loss
-from megatron_andromeda.parallel import ParallelContext, RankLayout, make_loss_fn
-from megatron_andromeda.parallel.hooks import build_parallel_training
-from megatron_andromeda.parallel.pipeline import build_pipeline_model, build_pipeline_schedule
+from megatron_andromeda.parallel import ParallelContext
 from megatron_andromeda.parallel.testing import run_distributed
 from megatron_andromeda.training.optim import build_optimizer
 from megatron_andromeda.training.trainer import Trainer
@@ -35,19 +35,8 @@ TP2_DP2 = ["parallel.tensor=2", "parallel.data=2", "parallel.distributed_optimiz
 TP2_PP2 = ["parallel.tensor=2", "parallel.pipeline=2"]
 
 
-class Tokens:
-    """Deterministic samples with a learnable pattern (next = previous + 1 mod vocabulary)."""
-
-    def __init__(self, n: int = 512):
-        starts = torch.randint(0, VOCAB, (n,), generator=torch.Generator().manual_seed(0))
-        self.data = (starts[:, None] + torch.arange(SEQ + 1)[None]) % VOCAB
-
-    def __len__(self) -> int:
-        return len(self.data)
-
-    def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
-        row = self.data[i]
-        return {"tokens": row[:-1], "labels": row[1:], "loss_mask": torch.ones(SEQ)}
+def Tokens(n: int = 512) -> training_helpers.Tokens:
+    return training_helpers.Tokens(VOCAB, SEQ, n)
 
 
 def run_config(root: Path, *extra: str) -> RunConfig:
@@ -62,19 +51,10 @@ def run_config(root: Path, *extra: str) -> RunConfig:
 
 
 def parallel_trainer(cfg: RunConfig) -> tuple[ParallelContext, Trainer]:
-    """Every rank, as train.py builds it; the RNG tracker is handed to the trainer's checkpoints."""
-    pc = cfg.parallel
-    layout = RankLayout(tp=pc.tensor, pp=pc.pipeline, dp=dist.get_world_size() // (pc.tensor * pc.pipeline))
-    ctx = ParallelContext.build(layout, seed=cfg.train.seed)
+    """Every rank, as train.py builds it (train.build_training)."""
+    ctx = training_helpers.context_for(cfg)
     torch.manual_seed(cfg.train.seed)
-    model = build_pipeline_model(cfg, ctx)
-    schedule = build_pipeline_schedule(ctx, cfg) if ctx.pp_size > 1 else None
-    parallel = build_parallel_training(ctx, model, cfg, schedule=schedule)
-    parallel.hooks.rng = ctx.rng  # what Trainer.save / resume look for (see the report to the lead)
-    trainer = Trainer(
-        cfg, model, parallel.optimizer, Tokens(), None, loss_fn=make_loss_fn(ctx),
-        device=torch.device("cpu"), run_dir=Path(cfg.logging.run_dir), hooks=parallel.hooks,
-    )  # fmt: skip
+    trainer, _ = training_helpers.product_trainer(cfg, Tokens(), Path(cfg.logging.run_dir).parent, ctx=ctx)
     return ctx, trainer
 
 
@@ -174,7 +154,7 @@ def checks_on_rank(root: str) -> dict:
 def spawned(tmp_path_factory) -> tuple[Path, list[dict]]:
     """(the spawn's root directory, each rank's results): one spawn for the whole module."""
     root = tmp_path_factory.mktemp("distributed")
-    return root, run_distributed(checks_on_rank, 4, root=str(root), timeout_s=600)
+    return root, run_distributed(checks_on_rank, 4, root=str(root), timeout_s=HANG_GUARD_S)
 
 
 # --------------------------------------------------------------------------------------------- tests

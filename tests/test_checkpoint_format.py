@@ -15,13 +15,13 @@ import torch
 import torch.multiprocessing as mp
 from safetensors.torch import load_file
 
+from megatron_andromeda import checkpoint as ckpt
 from megatron_andromeda.checkpoint import saver, storage
 from megatron_andromeda.checkpoint.reshard import cut
 from megatron_andromeda.checkpoint.slices import global_pieces, owned_ranges, shard_spec
 from megatron_andromeda.config import ModelConfig, load_config
 from megatron_andromeda.models import GPTModel, language_model_loss
 from megatron_andromeda.parallel.sharding import shard_param
-from megatron_andromeda.training import checkpoint as ckpt
 from megatron_andromeda.training.optim import build_optimizer
 from megatron_andromeda.training.trainer import Trainer
 

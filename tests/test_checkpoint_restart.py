@@ -20,6 +20,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from hang_guard import HANG_GUARD_S
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -68,7 +69,7 @@ def torchrun(ws: Path, out: Path, die_at: int = 0) -> subprocess.CompletedProces
     # torchrun keeps its store across restarts: init_parallel's restart_safe_store must cope with it
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
     env.pop("TORCH_DISABLE_SHARE_RDZV_TCP_STORE", None)
-    return subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300, env=env)
+    return subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=HANG_GUARD_S, env=env)
 
 
 def step_losses(run_dir: Path) -> tuple[dict[int, float], int]:

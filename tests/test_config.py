@@ -6,7 +6,7 @@ from pathlib import Path
 import pytest
 
 from megatron_andromeda.config import ConfigError, load_config, save_resolved_config
-from megatron_andromeda.presets import PRESETS
+from megatron_andromeda.models.presets import PRESETS
 
 ROOT = Path(__file__).resolve().parents[1]
 EXAMPLE_CONFIGS = sorted((ROOT / "examples").rglob("configs/*.yaml"))
@@ -69,6 +69,21 @@ def test_unknown_preset():
         ("model.block=diagonal", "model.block='diagonal' is not one of"),
         ("train.global_batch_size=30", "train.global_batch_size=30 must be a multiple"),
         ("train.steps=0", "train.steps=0 must be positive"),
+        # every numeric field has its range checked at load (issue 21 section 7)
+        ("model.head_dim=0", "model.head_dim=0 must be positive"),
+        ("model.ffn_hidden_size=0", "model.ffn_hidden_size=0 must be positive"),
+        ("model.logit_scale=0", "model.logit_scale=0.0 must be > 0"),
+        ("model.norm_eps=-1", "model.norm_eps=-1.0 must be > 0"),
+        ("model.rotary_base=0", "model.rotary_base=0.0 must be > 1"),
+        ("parallel.comm_timeout_s=0", "parallel.comm_timeout_s=0.0 must be > 0"),
+        ("parallel.comm_timeout_s=.inf", "parallel.comm_timeout_s=inf is not a finite number"),
+        ("train.eval_interval=-1", "train.eval_interval=-1 must be >= 0"),
+        ("train.eval_batches=-1", "train.eval_batches=-1 must be >= 0"),
+        ("train.eval_batches=0", "train.eval_batches=0; set train.eval_batches >= 1"),
+        ("train.exit_interval=-1", "train.exit_interval=-1 must be >= 0"),
+        ("optim.weight_decay=-1", "optim.weight_decay=-1.0 must be >= 0"),
+        ("optim.decay_steps=-1", "optim.decay_steps=-1 must be positive"),
+        ("data.num_workers=0", "unknown config key 'data.num_workers'"),
         ("optim.min_lr=1.0", "optim.min_lr"),
         ("train.steps=many", "train.steps must be an integer"),
         ("parallel.context=2", "parallel.context is reserved"),

@@ -16,13 +16,11 @@ import tempfile
 from pathlib import Path
 
 import torch
+import training_helpers
 
 from megatron_andromeda.config import RunConfig, load_config
-from megatron_andromeda.models import GPTModel, language_model_loss
-from megatron_andromeda.parallel import ParallelContext, RankLayout, make_loss_fn, parallelize_model
-from megatron_andromeda.parallel.hooks import ParallelTraining, build_parallel_training
+from megatron_andromeda.parallel import ParallelContext, RankLayout
 from megatron_andromeda.parallel.testing import run_distributed
-from megatron_andromeda.training.optim import build_optimizer
 from megatron_andromeda.training.trainer import Trainer
 
 VOCAB, SEQ, STEPS, GLOBAL_BATCH = 64, 16, 10, 8
@@ -31,22 +29,8 @@ RTOL, ATOL = 1e-5, 1e-6
 
 
 # --------------------------------------------------------------------------------------------- harness
-class Tokens:
-    """Deterministic samples with a learnable pattern (next = previous + 1); records the ids read."""
-
-    def __init__(self, n: int = 256, seed: int = 0):
-        g = torch.Generator().manual_seed(seed)
-        starts = torch.randint(0, VOCAB, (n,), generator=g)
-        self.data = (starts[:, None] + torch.arange(SEQ + 1)[None]) % VOCAB
-        self.seen: list[int] = []
-
-    def __len__(self) -> int:
-        return len(self.data)
-
-    def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
-        self.seen.append(i)
-        row = self.data[i]
-        return {"tokens": row[:-1], "labels": row[1:], "loss_mask": torch.ones(SEQ)}
+def Tokens(n: int = 256, seed: int = 0) -> training_helpers.Tokens:
+    return training_helpers.Tokens(VOCAB, SEQ, n, seed)
 
 
 def run_config(root: Path, *extra: str) -> RunConfig:
@@ -76,33 +60,13 @@ def run_config(root: Path, *extra: str) -> RunConfig:
     )
 
 
-def integrate(trainer: Trainer, parallel: ParallelTraining) -> Trainer:
-    """The two Trainer.__init__ lines proposed to the lead (no-ops once they are merged):
-    the step's gradients are the optimizer's (fp32 masters), and fp16 uses the all-ranks scaler."""
-    trainer.params = [p for g in parallel.optimizer.param_groups for p in g["params"]]
-    if parallel.loss_scaler is not None:
-        trainer.scaler = parallel.loss_scaler
-    return trainer
-
-
 def build_trainer(cfg: RunConfig, ctx: ParallelContext, data, root: Path, bucket: int = BUCKET):
-    """The real Trainer with this package's optimizer and hooks on a (tensor-parallel) tiny model."""
-    model = parallelize_model(GPTModel(cfg.model, init_seed=cfg.train.seed), ctx, cfg.parallel)
-    parallel = build_parallel_training(ctx, model, cfg, bucket_numel=bucket)
-    trainer = Trainer(
-        cfg, model, parallel.optimizer, data, None, loss_fn=make_loss_fn(ctx), device=torch.device("cpu"),
-        run_dir=root / "run", hooks=parallel.hooks,
-    )  # fmt: skip
-    return integrate(trainer, parallel), parallel
+    """This rank's Trainer as train.py builds it, on `ctx`'s process groups (small gradient buckets)."""
+    ctx = training_helpers.context_for(cfg, groups_of=ctx)
+    return training_helpers.product_trainer(cfg, data, root, ctx=ctx, bucket_numel=bucket)
 
 
-def reference_trainer(cfg: RunConfig, data, root: Path) -> Trainer:
-    """The single-process baseline: the trainer with torch's AdamW and no hooks."""
-    model = GPTModel(cfg.model, init_seed=cfg.train.seed)
-    return Trainer(
-        cfg, model, build_optimizer(model, cfg.optim), data, None, loss_fn=language_model_loss,
-        device=torch.device("cpu"), run_dir=root / "run",
-    )  # fmt: skip
+reference_trainer = training_helpers.reference_trainer
 
 
 def train(trainer: Trainer, steps: int = STEPS) -> dict[str, list[float]]:
@@ -163,7 +127,7 @@ def _plain_run(ctx: ParallelContext, root: Path) -> dict:
             loss, loss_parts = loss_fn(output)
             loss.backward()
             parts.append(loss_parts)
-            log.append(parallel.grad_buffer.num_reduced)
+            log.append(parallel.optimizer.grad_buffer.num_reduced)
         reduced_after_backward.append(log)
         return parts
 
@@ -172,7 +136,7 @@ def _plain_run(ctx: ParallelContext, root: Path) -> dict:
         **train(trainer),
         "params": params_of(trainer.model),
         "reduced_after_backward": reduced_after_backward,
-        "num_buckets": len(parallel.grad_buffer.layout.buckets),
+        "num_buckets": len(parallel.optimizer.grad_buffer.layout.buckets),
     }
 
 

@@ -4,6 +4,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+from hang_guard import HANG_GUARD_S
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -14,7 +16,7 @@ def test_demo_runs_every_step(tmp_path):
         cwd=ROOT,
         capture_output=True,
         text=True,
-        timeout=600,
+        timeout=HANG_GUARD_S,
     )
     assert result.returncode == 0, result.stderr[-3000:]
     for stage in ("0-pretrain", "1-continue", "2-instructions"):

@@ -21,14 +21,15 @@ from test_data_parallel import (
     run_config,
     train,
 )
+from training_helpers import context_for
 
 from megatron_andromeda.models import GPTModel
 from megatron_andromeda.parallel import ParallelContext, RankLayout
 from megatron_andromeda.parallel.data_parallel import FlatLayout
 from megatron_andromeda.parallel.distributed_optimizer import merge_optimizer_states
-from megatron_andromeda.parallel.hooks import build_parallel_training
+from megatron_andromeda.parallel.hooks import build_parallel_training, no_pipelining
 from megatron_andromeda.parallel.sharding import merge_param
-from megatron_andromeda.training.trainer import no_pipelining
+from megatron_andromeda.training.optim import parameter_groups
 
 SHARDED = "parallel.distributed_optimizer=true"
 TP_STEPS = 4
@@ -47,7 +48,7 @@ def distributed_checks(world_size: int, root: Path) -> dict:
             "params": params_of(trainer.model),
             "state": parallel.optimizer.state_dict(),
             "bytes": parallel.optimizer.state_bytes(),
-            "padded_numel": parallel.grad_buffer.layout.numel,
+            "padded_numel": parallel.optimizer.grad_buffer.layout.numel,
         }
     }
     if world_size == 4:
@@ -67,7 +68,9 @@ def _pipeline_norm(ctx: ParallelContext, root: Path, sharded: bool) -> dict:
     cfg = run_config(root, "parallel.pipeline=2", f"parallel.distributed_optimizer={str(sharded).lower()}")
     first = ctx.is_first_stage
     stage = GPTModel(cfg.model, layer_ids=[0] if first else [1], pre_process=first, post_process=not first)
-    parallel = build_parallel_training(ctx, stage, cfg, bucket_numel=BUCKET, schedule=no_pipelining)
+    ctx = context_for(cfg, groups_of=ctx)
+    groups = parameter_groups(stage, cfg.optim)
+    parallel = build_parallel_training(ctx, stage, cfg, groups, bucket_numel=BUCKET, schedule=no_pipelining)
     g = torch.Generator().manual_seed(5)
     grads = {n: torch.randn(p.shape, generator=g) for n, p in GPTModel(cfg.model).named_parameters()}
     head = torch.randn(grads["embedding.weight"].shape, generator=g)  # the output head's half
@@ -78,7 +81,7 @@ def _pipeline_norm(ctx: ParallelContext, root: Path, sharded: bool) -> dict:
     tied = mean * (grads.pop("embedding.weight") + head)
     expected = (tied.square().sum() + sum(mean**2 * t.square().sum() for t in grads.values())).sqrt()
     shared = stage.embedding.weight if first else stage.lm_head.weight
-    buffer = parallel.grad_buffer
+    buffer = parallel.optimizer.grad_buffer
     lo, hi = buffer.valid_range(shared)
     offset = buffer.layout.ranges[shared][0]
     return {
@@ -129,7 +132,9 @@ def test_merged_shards_equal_the_plain_state_and_load_into_another_layout(refere
             )
     cfg = run_config(tmp_path, SHARDED)
     model = GPTModel(cfg.model, init_seed=cfg.train.seed)
-    optimizer = build_parallel_training(ParallelContext.single(), model, cfg).optimizer
+    optimizer = build_parallel_training(
+        context_for(cfg), model, cfg, parameter_groups(model, cfg.optim)
+    ).optimizer
     optimizer.load_state_dict(merged)
     for index, entry in optimizer.state_dict()["state"].items():
         torch.testing.assert_close(entry["exp_avg"], merged["state"][index]["exp_avg"])

@@ -16,6 +16,7 @@ import sacrebleu
 import torch
 import torch.nn.functional as F
 
+from megatron_andromeda.checkpoint import write_model_checkpoint
 from megatron_andromeda.config import DataConfig, ModelConfig, RunConfig
 from megatron_andromeda.data.indexed_dataset import IndexedDatasetWriter
 from megatron_andromeda.data.tokenizer import load_tokenizer
@@ -32,7 +33,6 @@ from megatron_andromeda.evaluation.scoring import EvalModel, encode_pair, greedy
 from megatron_andromeda.models import GPTModel, language_model_loss
 from megatron_andromeda.sft.dataset import SFTDatasetWriter
 from megatron_andromeda.sft.template import ChatTemplate
-from megatron_andromeda.training.checkpoint import write_model_checkpoint
 
 ROOT = Path(__file__).resolve().parents[1]
 SUBJECTS = ["fox", "dog", "Emma", "Knightley", "marriage", "money", "lady", "house"]

@@ -10,6 +10,7 @@ import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
+from hang_guard import HANG_GUARD_S
 
 from megatron_andromeda.config import DataConfig
 from megatron_andromeda.data import gpt_dataset
@@ -143,7 +144,7 @@ def test_distributed_cache_build_and_failure(tmp_path):
     for process in ranks:
         process.start()
     for process in ranks:
-        process.join(timeout=60)
+        process.join(timeout=HANG_GUARD_S)
         if process.exitcode is None:  # hung: a failed build must never leave a rank waiting
             process.kill()
         assert process.exitcode == 0

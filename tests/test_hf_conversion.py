@@ -16,11 +16,11 @@ import torch
 from safetensors.torch import load_file
 from tool_loader import load_tool
 
+from megatron_andromeda.checkpoint import read_model_state, write_model_checkpoint
 from megatron_andromeda.config import ModelConfig, RunConfig
 from megatron_andromeda.generation import SamplingConfig, generate
 from megatron_andromeda.hf import ConversionError, load_hf_directory, save_hf_directory
 from megatron_andromeda.models import GPTModel
-from megatron_andromeda.training.checkpoint import read_model_state, write_model_checkpoint
 
 transformers = pytest.importorskip("transformers")
 transformers.logging.set_verbosity_error()

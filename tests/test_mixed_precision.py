@@ -47,7 +47,7 @@ def distributed_checks(world_size: int, root: Path) -> dict:
 
 def _fp16_overflow_on_rank_1(ctx: ParallelContext, root: Path) -> dict:
     trainer, parallel = build_trainer(run_config(root, SHARDED, "train.precision=fp16"), ctx, Tokens(), root)
-    scaler = parallel.loss_scaler
+    scaler = trainer.hooks.loss_scaler
     scaler.growth_interval = 2
     finish = trainer.hooks.finish_gradients
 

@@ -8,8 +8,8 @@ import torch
 from megatron_andromeda.config import ModelConfig
 from megatron_andromeda.models import GPTModel, language_model_loss
 from megatron_andromeda.models.accounting import count_parameters, training_flops_per_token
+from megatron_andromeda.models.presets import NOMINAL_PARAMETERS, PRESETS
 from megatron_andromeda.models.rotary import RotaryEmbedding, apply_rotary, rotary_permutation
-from megatron_andromeda.presets import NOMINAL_PARAMETERS, PRESETS
 
 PALM = dict(vocab_size=97, hidden_size=64, num_layers=2, num_heads=4, num_kv_heads=1)
 MPT = dict(

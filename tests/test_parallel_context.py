@@ -5,8 +5,10 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.distributed as dist
+from hang_guard import HANG_GUARD_S
 
 from megatron_andromeda.config import ConfigError, ModelConfig, ParallelConfig, RunConfig
+from megatron_andromeda.models.presets import get_preset
 from megatron_andromeda.parallel import (
     ParallelContext,
     RankLayout,
@@ -15,7 +17,6 @@ from megatron_andromeda.parallel import (
     validate_layout,
 )
 from megatron_andromeda.parallel.testing import DistributedTestError, run_distributed
-from megatron_andromeda.presets import get_preset
 
 
 def test_megatron_order_tensor_fastest_then_data_then_pipeline():
@@ -167,4 +168,4 @@ def test_groups_match_the_layout():
 
 def test_run_distributed_reports_the_failing_rank():
     with pytest.raises(DistributedTestError, match="rank 1 failed:(.|\n)*rank one is unhappy"):
-        run_distributed(failing_worker, 2, timeout_s=60)
+        run_distributed(failing_worker, 2, timeout_s=HANG_GUARD_S)

@@ -17,6 +17,7 @@ import pytest
 import torch
 import torch.distributed as dist
 
+from megatron_andromeda.builder import build_model
 from megatron_andromeda.config import (
     ConfigError,
     ModelConfig,
@@ -27,7 +28,14 @@ from megatron_andromeda.config import (
     load_config,
 )
 from megatron_andromeda.models import GPTModel, language_model_loss
-from megatron_andromeda.parallel import ParallelContext, RankLayout, parallelize_model, validate_layout
+from megatron_andromeda.models.presets import get_preset
+from megatron_andromeda.parallel import (
+    ParallelContext,
+    RankLayout,
+    parallelize_model,
+    plan_layout,
+    validate_layout,
+)
 from megatron_andromeda.parallel.hooks import build_parallel_training
 from megatron_andromeda.parallel.mixed_precision import cast_parameters
 from megatron_andromeda.planner import (
@@ -41,8 +49,7 @@ from megatron_andromeda.planner import (
     recommend,
     stage_parameters,
 )
-from megatron_andromeda.presets import get_preset
-from megatron_andromeda.training.optim import build_optimizer
+from megatron_andromeda.training.optim import build_optimizer, parameter_groups
 
 ROOT = Path(__file__).resolve().parents[1]
 BASE = dict(
@@ -107,8 +114,9 @@ def test_model_state_equals_the_parallel_optimizer(dp, sharded):
     )
     dist.init_process_group("fake", store=_fake_store(), rank=0, world_size=dp)
     try:
-        model = GPTModel(cfg)
-        training = build_parallel_training(ParallelContext.build(RankLayout(1, 1, dp)), model, run)
+        ctx = ParallelContext.build(plan_layout(run, dp))
+        model = build_model(run, ctx)  # bf16 parameters
+        training = build_parallel_training(ctx, model, run, parameter_groups(model, run.optim))
         training.optimizer.step()  # AdamW creates its moments
         held = training.optimizer.state_bytes()
         layout = Layout(data=dp, distributed_optimizer=sharded)
@@ -298,7 +306,7 @@ def test_cli_search_json_and_overrides(tmp_path, capsys):
 
 def test_cli_rejects_impossible_layouts(capsys):
     tool = load_tool()
-    with pytest.raises(SystemExit, match="tensor 3 does not divide the heads"):
+    with pytest.raises(SystemExit, match="model.num_heads=16 is not divisible by parallel.tensor=3"):
         tool.main(["--model", "andromeda-1b", "--nodes", "1", "--gpus-per-node", "3", "--layout", "3,1"])
     with pytest.raises(SystemExit, match=r"--layout 2,2,3: 2 x 2 x 3 != 8 GPUs"):
         tool.main(["--model", "andromeda-1b", "--layout", "2,2,3"])

@@ -6,6 +6,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from hang_guard import HANG_GUARD_S
 
 from megatron_andromeda.config import ConfigError, DataConfig
 from megatron_andromeda.data.indexed_dataset import IndexedDatasetWriter
@@ -88,7 +89,7 @@ def test_plan_data_tool_warns_about_evaluation_sets_and_repeats(tmp_path):
         cwd=ROOT,
         capture_output=True,
         text=True,
-        timeout=60,
+        timeout=HANG_GUARD_S,
     )
     assert result.returncode == 0, result.stderr
     assert "small" in result.stdout and "90.00" in result.stdout  # 90k tokens of a 1k-token source

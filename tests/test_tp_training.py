@@ -1,31 +1,27 @@
 """The real Trainer at tensor=2 (with sequence parallelism) on gloo trains like one process.
 
-The tensor-parallel run is wired the way train.py wires a run: `init_parallel` from torchrun-style
-environment variables, `parallelize_model`, `make_loss_fn`, and the trainer's hooks given
-`finalize_tp_grads` and the global gradient norm. The loop's schedule, clipping (below the early
-gradient norms, so the global norm matters) and AdamW are the trainer's own. fp32, 10 steps.
+The tensor-parallel run is built the way train.py builds a run: `init_parallel` from torchrun-style
+environment variables, then `train.build_training` (the one model builder, the parallel optimizer,
+the loss that masks the padded vocabulary, the hooks). The reference is an unmodified model under
+torch's AdamW with the same padding-masked loss. Clipping is below the early gradient norms, so the
+global norm matters. fp32, 10 steps.
 """
 
 from __future__ import annotations
 
+from functools import partial
 from pathlib import Path
 
 import pytest
 import torch
+from training_helpers import product_trainer
 
 from megatron_andromeda.config import RunConfig, load_config
-from megatron_andromeda.models.gpt import GPTModel
-from megatron_andromeda.parallel import (
-    ParallelContext,
-    finalize_tp_grads,
-    init_parallel,
-    make_grad_norm_fn,
-    make_loss_fn,
-    parallelize_model,
-)
+from megatron_andromeda.models.gpt import GPTModel, language_model_loss
+from megatron_andromeda.parallel import init_parallel
 from megatron_andromeda.parallel.testing import run_distributed
 from megatron_andromeda.training.optim import build_optimizer
-from megatron_andromeda.training.trainer import ParallelHooks, Trainer
+from megatron_andromeda.training.trainer import Trainer
 
 VOCAB, REAL_VOCAB, SEQ, STEPS = 256, 250, 16, 10
 
@@ -72,31 +68,32 @@ def run_config(root: str, *extra: str) -> RunConfig:
     )
 
 
-def train(cfg: RunConfig, ctx: ParallelContext) -> dict[str, list[float]]:
-    model = parallelize_model(GPTModel(cfg.model, init_seed=cfg.train.seed), ctx, cfg.parallel)
-    hooks = ParallelHooks(
-        is_logging_rank=ctx.rank == 0,
-        num_devices=ctx.world_size,
-        finish_gradients=lambda m: finalize_tp_grads(m, ctx),
-        grad_norm=make_grad_norm_fn(model, ctx),
-    )
-    trainer = Trainer(
-        cfg, model, build_optimizer(model, cfg.optim), Counting(), None,
-        loss_fn=make_loss_fn(ctx, real_vocab_size=REAL_VOCAB), device=ctx.device,
-        run_dir=Path(cfg.logging.run_dir), hooks=hooks,
-    )  # fmt: skip
+def train(trainer: Trainer) -> dict[str, list[float]]:
     metrics = [trainer.train_step() for _ in range(STEPS)]
     return {key: [m[key] for m in metrics] for key in ("loss", "grad_norm")}
 
 
 def tensor_parallel_run(root: str) -> dict[str, list[float]]:
     cfg = run_config(root, "parallel.tensor=2", "parallel.sequence_parallel=true")
-    return train(cfg, init_parallel(cfg))
+    ctx = init_parallel(cfg)
+    trainer, _ = product_trainer(cfg, Counting(), Path(root), ctx=ctx, real_vocab_size=REAL_VOCAB)
+    return train(trainer)
+
+
+def reference_run(root: str) -> dict[str, list[float]]:
+    cfg = run_config(root)
+    model = GPTModel(cfg.model, init_seed=cfg.train.seed)
+    trainer = Trainer(
+        cfg, model, build_optimizer(model, cfg.optim), Counting(), None,
+        loss_fn=partial(language_model_loss, real_vocab_size=REAL_VOCAB), device=torch.device("cpu"),
+        run_dir=Path(cfg.logging.run_dir),
+    )  # fmt: skip
+    return train(trainer)
 
 
 def test_tensor_parallel_trainer_matches_one_process(tmp_path):
     ranks = run_distributed(tensor_parallel_run, 2, init_process_group=False, root=str(tmp_path / "tp"))
-    reference = train(run_config(str(tmp_path / "single")), ParallelContext.single())
+    reference = reference_run(str(tmp_path / "single"))
     assert reference["loss"][-1] < reference["loss"][0] - 0.5, "the reference run did not learn"
     assert reference["grad_norm"][0] > 0.5, "clipping was not exercised"
     for result in ranks:

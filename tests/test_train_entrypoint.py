@@ -8,12 +8,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from hang_guard import HANG_GUARD_S
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
+from megatron_andromeda.checkpoint import read_model_state
 from megatron_andromeda.config import ConfigError, load_config
 from megatron_andromeda.data.indexed_dataset import IndexedDatasetWriter
 from megatron_andromeda.train import run
-from megatron_andromeda.training.checkpoint import read_model_state
 from megatron_andromeda.training.stages import plan_stages
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -68,7 +69,7 @@ def test_module_entry_point_trains_and_writes_outputs(workspace, tmp_path):
         *overrides(workspace, run_dir),
         f"checkpoint.save_dir={tmp_path / 'ckpt'}",
     ]
-    result = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300)
+    result = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=HANG_GUARD_S)
     assert result.returncode == 0, result.stderr
     assert "step      6/6" in result.stdout and "valid step" in result.stdout
     assert json.loads((run_dir / "config.json").read_text())["train"]["steps"] == 6
@@ -93,7 +94,7 @@ def test_bad_inputs_stop_before_training(workspace, tmp_path):
         cwd=ROOT,
         capture_output=True,
         text=True,
-        timeout=120,
+        timeout=HANG_GUARD_S,
     )
     assert result.returncode != 0 and "did you mean model.num_layers" in result.stderr
 
@@ -152,10 +153,10 @@ def test_resume_inside_stage_two_equals_uninterrupted(workspace, tmp_path):
     run(straight)
     interrupted = stage_config(workspace, tmp_path / "i")
     plans = plan_stages(interrupted)
-    from megatron_andromeda.parallel import ParallelContext
+    from megatron_andromeda.parallel import init_parallel
     from megatron_andromeda.train import run_stage
 
-    ctx = ParallelContext.single()
+    ctx = init_parallel(interrupted)  # one process: the run's layout, no process group
     run_stage(plans[0].config, ctx)
     # a job that ends after step 2 of stage 2: its checkpoint at step 2 exists, nothing later
     killed = plans[1].config
@@ -260,7 +261,7 @@ def test_torchrun_layouts_match_one_process(workspace, tmp_path, layout):
         cwd=ROOT,
         capture_output=True,
         text=True,
-        timeout=300,
+        timeout=HANG_GUARD_S,
         env={**__import__("os").environ, "OMP_NUM_THREADS": "1"},
     )
     assert result.returncode == 0, result.stderr[-3000:]
@@ -270,11 +271,39 @@ def test_torchrun_layouts_match_one_process(workspace, tmp_path, layout):
     assert len(valid_losses(single)) == 3  # steps 0, 2 and 4
 
 
+SCHEDULE_COMMON = ["model.dropout=0.0", "model.num_layers=4", "model.num_kv_heads=1", "train.steps=3",
+                   "train.eval_interval=3", "parallel.pipeline=2"]  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def four_layer_single_process(workspace, tmp_path_factory) -> Path:
+    run_dir = tmp_path_factory.mktemp("schedules") / "single"
+    single = [o for o in SCHEDULE_COMMON if not o.startswith("parallel.")]
+    run(load_config(None, overrides(workspace, run_dir, *single)))
+    return run_dir
+
+
+@pytest.mark.parametrize(
+    "schedule",
+    [["parallel.schedule=gpipe"], ["parallel.schedule=1f1b"], ["parallel.virtual_stages=2"]],
+    ids=["gpipe", "1f1b", "interleaved"],
+)
+def test_every_pipeline_schedule_trains_through_the_entry_point(
+    workspace, tmp_path, four_layer_single_process, schedule
+):
+    """Issue 21: the interleaved schedule crashed here (its model chunks reached the kernel swap)."""
+    multi = tmp_path / "multi"
+    result = torchrun(2, overrides(workspace, multi, *SCHEDULE_COMMON, *schedule))
+    assert result.returncode == 0, result.stderr[-3000:]
+    np.testing.assert_allclose(train_losses(multi), train_losses(four_layer_single_process), rtol=1e-5)
+    np.testing.assert_allclose(valid_losses(multi), valid_losses(four_layer_single_process), rtol=1e-5)
+
+
 def torchrun(nproc: int, args: list[str]) -> subprocess.CompletedProcess:
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", str(nproc),
            "-m", "megatron_andromeda.train", *args]  # fmt: skip
     env = {**__import__("os").environ, "OMP_NUM_THREADS": "1"}
-    return subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300, env=env)
+    return subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=HANG_GUARD_S, env=env)
 
 
 def test_torchrun_stages_load_the_previous_stage_into_a_sharded_model(workspace, tmp_path):

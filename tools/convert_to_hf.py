@@ -16,9 +16,9 @@ from pathlib import Path
 
 import torch
 
+from megatron_andromeda.checkpoint import CheckpointError
 from megatron_andromeda.config import ConfigError
 from megatron_andromeda.hf import ConversionError, hf_model_type, read_checkpoint, save_hf_directory
-from megatron_andromeda.training.checkpoint import CheckpointError
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 

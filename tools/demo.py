@@ -22,7 +22,6 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
 
 CORPUS = ROOT / "examples" / "data" / "corpus" / "austen.jsonl.gz"
 INSTRUCTIONS = ROOT / "examples" / "data" / "instructions"

@@ -21,11 +21,11 @@ import sys
 import time
 from pathlib import Path
 
+from megatron_andromeda.checkpoint import CheckpointError, resolve_checkpoint
 from megatron_andromeda.data.indexed_dataset import DatasetError
 from megatron_andromeda.evaluation.multiple_choice import TaskError
 from megatron_andromeda.evaluation.runner import evaluate, markdown_report
 from megatron_andromeda.evaluation.scoring import load_eval_model
-from megatron_andromeda.training.checkpoint import CheckpointError, resolve_checkpoint
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:

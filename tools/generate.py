@@ -17,12 +17,12 @@ from pathlib import Path
 
 import torch
 
+from megatron_andromeda.checkpoint import CheckpointError
 from megatron_andromeda.config import ConfigError
 from megatron_andromeda.data.tokenizer import Tokenizer, load_tokenizer
 from megatron_andromeda.generation import SamplingConfig, generate
 from megatron_andromeda.hf import ConversionError, load_hf_directory, read_checkpoint
 from megatron_andromeda.models import GPTModel
-from megatron_andromeda.training.checkpoint import CheckpointError
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:

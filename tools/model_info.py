@@ -10,17 +10,14 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from megatron_andromeda.config import ConfigError, ModelConfig, load_config  # noqa: E402
-from megatron_andromeda.models.accounting import (  # noqa: E402
+from megatron_andromeda.config import ConfigError, ModelConfig, load_config
+from megatron_andromeda.models.accounting import (
     count_parameters,
     training_flops_per_token,
     training_memory,
 )
-from megatron_andromeda.presets import get_preset  # noqa: E402
+from megatron_andromeda.models.presets import get_preset
 
 
 def model_info(cfg: ModelConfig, seq_length: int) -> dict:

@@ -19,11 +19,9 @@ import math
 import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from megatron_andromeda.config import ConfigError  # noqa: E402
-from megatron_andromeda.data.indexed_dataset import IndexedDataset, dataset_exists  # noqa: E402
-from megatron_andromeda.data.recipe import Source, StagePlan, load_recipe, plan_stage  # noqa: E402
+from megatron_andromeda.config import ConfigError
+from megatron_andromeda.data.indexed_dataset import IndexedDataset, dataset_exists
+from megatron_andromeda.data.recipe import Source, StagePlan, load_recipe, plan_stage
 
 
 def tokens_in_source(source: Source) -> int | None:

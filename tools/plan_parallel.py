@@ -20,12 +20,10 @@ import json
 import os
 import sys
 from dataclasses import asdict
-from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from megatron_andromeda.config import ConfigError, ModelConfig, ParallelConfig, load_config  # noqa: E402
-from megatron_andromeda.planner import (  # noqa: E402
+from megatron_andromeda.config import ConfigError, ModelConfig, ParallelConfig, load_config
+from megatron_andromeda.models.presets import get_preset
+from megatron_andromeda.planner import (
     GIB,
     GPUS,
     LINKS,
@@ -39,7 +37,6 @@ from megatron_andromeda.planner import (  # noqa: E402
     layout_problem,
     recommend,
 )
-from megatron_andromeda.presets import get_preset  # noqa: E402
 
 GROUPS = ("tp_group", "dp_group", "pp_group", "embedding_group", "mp_group")
 

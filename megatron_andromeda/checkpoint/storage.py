@@ -28,6 +28,8 @@ from typing import Any
 
 import torch
 
+from megatron_andromeda.errors import UserError
+
 MANIFEST = "manifest.json"
 METADATA = "metadata.json"
 LATEST = "latest"
@@ -43,7 +45,7 @@ SAFETENSORS_DTYPES = {
 }  # fmt: skip
 
 
-class CheckpointError(RuntimeError):
+class CheckpointError(UserError, RuntimeError):
     """A checkpoint that cannot be used; the message names the file or tensor."""
 
 

@@ -27,6 +27,8 @@ from types import TracebackType
 
 import numpy as np
 
+from megatron_andromeda.errors import UserError
+
 INDEX_MAGIC = b"MMIDIDX\x00\x00"
 INDEX_VERSION = 1
 HEADER_SIZE = len(INDEX_MAGIC) + 8 + 1 + 8 + 8  # magic, version, dtype code, n_seq, n_doc
@@ -45,7 +47,7 @@ DTYPE_CODES: dict[int, np.dtype] = {
 _CODE_OF_DTYPE = {dtype: code for code, dtype in DTYPE_CODES.items()}
 
 
-class DatasetError(ValueError):
+class DatasetError(UserError, ValueError):
     """A dataset file that cannot be used; the message names the file and what to do."""
 
 

@@ -20,11 +20,12 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
+from megatron_andromeda.errors import UserError
 from megatron_andromeda.evaluation.scoring import EvalModel, continuation_logprobs, encode_pair
 from megatron_andromeda.sft.formats import open_text
 
 
-class TaskError(ValueError):
+class TaskError(UserError, ValueError):
     """A task file or record that cannot be used; the message names the file and line."""
 
 

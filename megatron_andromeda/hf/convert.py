@@ -27,12 +27,14 @@ from functools import partial
 import torch
 
 from megatron_andromeda.config import ModelConfig
+from megatron_andromeda.errors import UserError
+from megatron_andromeda.models.attention import QKVLayout
 from megatron_andromeda.models.rotary import rotary_permutation
 
 StateDict = dict[str, torch.Tensor]
 
 
-class ConversionError(ValueError):
+class ConversionError(UserError, ValueError):
     """A model or directory that cannot be converted exactly; the message says why and what to do."""
 
 
@@ -88,14 +90,13 @@ def _rotary_rows(
 
 
 def _split_qkv(w: torch.Tensor, cfg: ModelConfig) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    hd = cfg.kv_channels
-    sizes = [cfg.num_heads * hd, cfg.num_kv_heads * hd, cfg.num_kv_heads * hd]
-    if w.shape[0] != sum(sizes):
+    layout = QKVLayout.of(cfg)
+    if w.shape[0] != layout.rows:
         raise ConversionError(
-            f"qkv_proj has {w.shape[0]} rows, expected {sum(sizes)} for {cfg.num_heads} query and "
-            f"{cfg.num_kv_heads} KV heads of {hd}; does the checkpoint match its config?"
+            f"qkv_proj has {w.shape[0]} rows, expected {layout.rows} for {cfg.num_heads} query and "
+            f"{cfg.num_kv_heads} KV heads of {cfg.kv_channels}; does the checkpoint match its config?"
         )
-    return tuple(part.clone() for part in w.split(sizes))
+    return tuple(part.clone() for part in layout.split(w))
 
 
 def _layer_norms(cfg: ModelConfig) -> dict[str, str]:
@@ -170,7 +171,7 @@ def _llama_like_from_hf(cfg: ModelConfig, sd: StateDict, *, interleaved: bool, n
                 _take_zero(sd, src + theirs + ".bias")
         q = rows(_take(sd, src + "self_attn.q_proj.weight"), cfg.num_heads)
         k = rows(_take(sd, src + "self_attn.k_proj.weight"), cfg.num_kv_heads)
-        out[dst + "attn.qkv_proj.weight"] = torch.cat((q, k, _take(sd, src + "self_attn.v_proj.weight")))
+        out[dst + "attn.qkv_proj.weight"] = QKVLayout.join(q, k, _take(sd, src + "self_attn.v_proj.weight"))
         out[dst + "attn.o_proj.weight"] = _take(sd, src + "self_attn.o_proj.weight")
         gate, up = _take(sd, src + "mlp.gate_proj.weight"), _take(sd, src + "mlp.up_proj.weight")
         out[dst + "mlp.gate_up_proj.weight"] = torch.cat((gate, up))

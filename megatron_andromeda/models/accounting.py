@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass
 
-from megatron_andromeda.config import ModelConfig
+from megatron_andromeda.models.config import ModelConfig
 
 
 @dataclass(frozen=True)

@@ -13,8 +13,46 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from megatron_andromeda.config import ModelConfig
+from megatron_andromeda.models.config import ModelConfig
 from megatron_andromeda.models.rotary import apply_rotary
+
+
+@dataclass(frozen=True)
+class QKVLayout:
+    """The rows of the fused q/k/v projection: every query head, then the key heads, then the value heads.
+
+    The one description of that layout: attention splits its projection with it, tensor parallelism
+    shards it (parallel/sharding.py), and the Hugging Face conversion splits and joins it (hf/).
+    """
+
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+
+    @classmethod
+    def of(cls, cfg: ModelConfig) -> QKVLayout:
+        return cls(cfg.num_heads, cfg.num_kv_heads, cfg.kv_channels)
+
+    @property
+    def q_rows(self) -> int:
+        return self.num_heads * self.head_dim
+
+    @property
+    def kv_rows(self) -> int:
+        """Rows of the keys (and as many of the values)."""
+        return self.num_kv_heads * self.head_dim
+
+    @property
+    def rows(self) -> int:
+        return self.q_rows + 2 * self.kv_rows
+
+    def split(self, fused: torch.Tensor, dim: int = 0) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(q, k, v) views of a fused weight (dim 0) or of the projection's output (dim -1)."""
+        return fused.split([self.q_rows, self.kv_rows, self.kv_rows], dim=dim)
+
+    @staticmethod
+    def join(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        return torch.cat((q, k, v))
 
 
 @dataclass
@@ -91,8 +129,7 @@ class Attention(nn.Module):
         self.num_kv_heads = cfg.num_kv_heads
         self.head_dim = cfg.kv_channels
         self.rotary_interleaved = cfg.rotary_interleaved
-        qkv_rows = (cfg.num_heads + 2 * cfg.num_kv_heads) * self.head_dim
-        self.qkv_proj = nn.Linear(cfg.hidden_size, qkv_rows, bias=False)
+        self.qkv_proj = nn.Linear(cfg.hidden_size, QKVLayout.of(cfg).rows, bias=False)
         self.core = CoreAttention(cfg.dropout)
         self.o_proj = nn.Linear(cfg.num_heads * self.head_dim, cfg.hidden_size, bias=False)
 
@@ -101,9 +138,8 @@ class Attention(nn.Module):
     ) -> torch.Tensor:
         B, T, _ = x.shape
         hd = self.head_dim
-        q, k, v = self.qkv_proj(x).split(
-            [self.num_heads * hd, self.num_kv_heads * hd, self.num_kv_heads * hd], dim=-1
-        )
+        # Head counts are read now: tensor parallelism sets this rank's share after construction.
+        q, k, v = QKVLayout(self.num_heads, self.num_kv_heads, hd).split(self.qkv_proj(x), dim=-1)
         q = q.view(B, T, self.num_heads, hd)
         k = k.view(B, T, self.num_kv_heads, hd)
         v = v.view(B, T, self.num_kv_heads, hd)

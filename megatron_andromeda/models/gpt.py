@@ -16,8 +16,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from megatron_andromeda.config import ModelConfig
 from megatron_andromeda.models.attention import AttentionInputs, KVCache, alibi_bias, alibi_slopes
+from megatron_andromeda.models.config import ModelConfig
 from megatron_andromeda.models.layers import make_block, make_norm
 from megatron_andromeda.models.rotary import RotaryEmbedding
 
@@ -146,27 +146,57 @@ def _stable_hash(name: str) -> int:
     return int.from_bytes(hashlib.blake2b(name.encode(), digest_size=4).digest(), "little") >> 1
 
 
+def mask_padding_logits(logits: torch.Tensor, real_vocab_size: int | None) -> torch.Tensor:
+    """Logits with the padding ids (>= real_vocab_size) at -inf: they are not part of the vocabulary.
+
+    `model.vocab_size` may be padded above the tokenizer's vocabulary (GEMM-friendly shards); every
+    consumer of logits (loss, evaluation, sampling) must treat those ids as absent.
+    """
+    if real_vocab_size is None or real_vocab_size >= logits.shape[-1]:
+        return logits
+    padding = torch.arange(logits.shape[-1], device=logits.device) >= real_vocab_size
+    return logits.masked_fill(padding, float("-inf"))
+
+
 def language_model_loss(
     logits: torch.Tensor,
     labels: torch.Tensor,
     loss_mask: torch.Tensor | None = None,
     z_loss: float = 0.0,
+    *,
+    real_vocab_size: int | None = None,
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """Mean cross-entropy over unmasked tokens, plus PaLM's z-loss; computed in fp32.
 
+    Padding ids (>= real_vocab_size) are excluded from the softmax and the z-loss's logsumexp.
     Returns the loss to backpropagate and detached parts for logging (`lm_loss`, `z_loss`).
     """
-    logits = logits.float()
-    flat = logits.reshape(-1, logits.shape[-1])
+    flat = mask_padding_logits(logits.float(), real_vocab_size).reshape(-1, logits.shape[-1])
     ce = F.cross_entropy(flat, labels.reshape(-1), reduction="none")
-    mask = torch.ones_like(ce) if loss_mask is None else loss_mask.reshape(-1).float()
+    lse_squared = torch.logsumexp(flat, dim=-1).square() if z_loss > 0 else None
+    return reduce_token_losses(ce, loss_mask, labels.shape[0], lse_squared, z_loss)
+
+
+def reduce_token_losses(
+    ce: torch.Tensor,
+    loss_mask: torch.Tensor | None,
+    batch_size: int,
+    lse_squared: torch.Tensor | None = None,
+    z_loss: float = 0.0,
+) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """Per-token cross-entropy (and logsumexp^2) -> the step's loss and its logged parts.
+
+    The one reduction every loss path shares (plain, vocabulary-parallel, fused kernel): means over
+    the unmasked tokens, `z_loss * mean(lse^2)` added when z_loss > 0, and each sample's summed
+    loss and token count for the per-source losses of a blended batch.
+    """
+    mask = torch.ones_like(ce) if loss_mask is None else loss_mask.reshape(-1).to(ce.dtype)
     denom = mask.sum().clamp(min=1.0)
     lm_loss = (ce * mask).sum() / denom
     total = lm_loss
-    parts = {"lm_loss": lm_loss.detach(), **sample_totals(ce, mask, labels.shape[0])}
-    if z_loss > 0:
-        log_z = torch.logsumexp(flat, dim=-1)
-        z = (log_z.square() * mask).sum() / denom
+    parts = {"lm_loss": lm_loss.detach(), **sample_totals(ce, mask, batch_size)}
+    if z_loss > 0 and lse_squared is not None:
+        z = (lse_squared * mask).sum() / denom
         total = total + z_loss * z
         parts["z_loss"] = z.detach()
     return total, parts

@@ -6,8 +6,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from megatron_andromeda.config import ModelConfig
 from megatron_andromeda.models.attention import Attention, AttentionInputs, KVCache
+from megatron_andromeda.models.config import ModelConfig
 
 
 def make_norm(cfg: ModelConfig) -> nn.Module:

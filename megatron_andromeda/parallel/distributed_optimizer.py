@@ -43,12 +43,19 @@ _FRAGMENT_TENSORS = ("exp_avg", "exp_avg_sq", "master_param")
 class DistributedOptimizer(MixedPrecisionOptimizer):
     """The mixed-precision AdamW holding only this data rank's shard of every bucket."""
 
-    def __init__(self, model: nn.Module, cfg: OptimConfig, grad_buffer: GradBuffer, ctx: ParallelContext):
+    def __init__(
+        self,
+        model: nn.Module,
+        param_groups: list[dict[str, Any]],
+        cfg: OptimConfig,
+        grad_buffer: GradBuffer,
+        ctx: ParallelContext,
+    ):
         if not grad_buffer.reduce_scatter:
             raise ValueError("the distributed optimizer needs a GradBuffer built with reduce_scatter=True")
         # First, so that fp32 masters are views into the buffer the all-gather fills.
         self.flat_params = flatten_parameters(grad_buffer.layout)
-        super().__init__(model, cfg, grad_buffer, ctx)
+        super().__init__(model, param_groups, cfg, grad_buffer, ctx)
 
     def shard_range(self, param: nn.Parameter) -> tuple[int, int]:
         """The elements of flattened `param` inside this rank's shard of its bucket (maybe none)."""

@@ -1,28 +1,35 @@
-"""The parallel side of the training loop, built in one call: optimizer, gradient buffer, loop hooks.
+"""The loop's contract with the parallel world (`ParallelHooks`), and the parallel side built in one call.
 
-    ctx = init_parallel(cfg)
-    model = parallelize_model(build_model(cfg), ctx, cfg.parallel).to(ctx.device)
-    parallel = build_parallel_training(ctx, model, cfg)
+    ctx = init_parallel(cfg, layout)
+    model = builder.build_model(cfg, ctx, kernels)
+    parallel = build_parallel_training(ctx, model, cfg, parameter_groups(model, cfg.optim))
     trainer = Trainer(cfg, model, parallel.optimizer, ..., hooks=parallel.hooks)
 
-`build_parallel_training` casts the parameters to the run's precision, lays their fp32 gradients out
-in buckets (data_parallel.py), builds the replicated or the distributed optimizer
-(`parallel.distributed_optimizer`) and, for fp16, the all-ranks loss scaler. The hooks tell the
-trainer this rank's data slice and give it the cross-rank reductions: finishing gradients, the
-global norm, loss means and the one all-reduced skip flag.
+`ParallelHooks` is what the trainer is given: this rank's place in the layout (its data slice, the
+accumulation steps), the pipeline schedule, how gradients are finished (tensor and data
+reductions), the global gradient norm and the cross-rank averages. Its defaults are those of one
+process, so the trainer needs nothing else. It lives here, not in training/, because parallel/
+builds it and must not import the loop.
+
+`build_parallel_training` lays the parameters' fp32 gradients out in buckets (data_parallel.py),
+builds the replicated or the distributed optimizer (the run layout's `distributed_optimizer`) over
+fp32 master weights and, for fp16, the all-ranks loss scaler. The parameters must already have the
+run's precision (the builder casts them last).
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from functools import partial
+from typing import Any
 
 import torch
 import torch.distributed as dist
 from torch import nn
 
-from megatron_andromeda.config import ConfigError, RunConfig, TrainConfig
+from megatron_andromeda.config import RunConfig
+from megatron_andromeda.errors import ConfigError
 from megatron_andromeda.parallel.context import ParallelContext
 from megatron_andromeda.parallel.data_parallel import (
     DEFAULT_BUCKET_NUMEL,
@@ -32,15 +39,68 @@ from megatron_andromeda.parallel.data_parallel import (
 )
 from megatron_andromeda.parallel.distributed_optimizer import DistributedOptimizer
 from megatron_andromeda.parallel.grad_norm import shared_embedding
+from megatron_andromeda.parallel.layout import RankLayout, RunLayout
 from megatron_andromeda.parallel.mappings import Group, all_reduce_
 from megatron_andromeda.parallel.mixed_precision import (
     DynamicLossScaler,
     MixedPrecisionOptimizer,
-    cast_parameters,
     precision_dtype,
     world_group,
 )
-from megatron_andromeda.training.trainer import ParallelHooks
+
+Parts = dict[str, torch.Tensor]
+
+
+def no_pipelining(
+    forward_step, data_iterator, model: nn.Module, num_microbatches: int, forward_only: bool = False
+) -> list[Parts]:
+    """The schedule of a model that is not split into stages: forward and backward each micro-batch."""
+    parts = []
+    for _ in range(num_microbatches):
+        output, loss_fn = forward_step(data_iterator, model)
+        loss, loss_parts = loss_fn(output)
+        if not forward_only:
+            loss.backward()
+        parts.append(loss_parts)
+    return parts
+
+
+@dataclass
+class ParallelHooks:
+    """How the loop cooperates with other ranks; the defaults are those of a single process.
+
+    `layout` is the run's validated layout (None: one process, derived by the trainer from its config).
+    """
+
+    layout: RunLayout | None = None
+    rank: int = 0
+    schedule: Callable[..., list[Parts]] = no_pipelining
+    finish_gradients: Callable[[nn.Module], None] = lambda model: None
+    loss_from_last_stage: Callable[[torch.Tensor], torch.Tensor] = lambda t: t
+    grad_norm: Callable[[Sequence[torch.Tensor]], torch.Tensor] | None = None
+    mean_across_data: Callable[[torch.Tensor], torch.Tensor] = lambda t: t
+    any_rank_true: Callable[[bool], bool] = lambda flag: flag
+    loss_scaler: Any = None  # fp16 across ranks: parallel.mixed_precision.DynamicLossScaler
+    rng: Any = None  # parallel.random.RNGTracker: its states are saved in and restored from checkpoints
+
+    def _ranks(self) -> RankLayout:
+        return self.layout if self.layout is not None else RankLayout(1, 1, 1)
+
+    @property
+    def dp_rank(self) -> int:
+        return self._ranks().coords(self.rank)[1]
+
+    @property
+    def dp_size(self) -> int:
+        return self._ranks().dp
+
+    @property
+    def num_devices(self) -> int:
+        return self._ranks().world_size
+
+    @property
+    def is_logging_rank(self) -> bool:
+        return self.rank == 0
 
 
 @dataclass
@@ -51,44 +111,59 @@ class ParallelTraining:
     grad_buffer: GradBuffer
 
 
-def micro_batches_per_step(train: TrainConfig, dp_size: int) -> int:
-    """Backward passes per step on each rank (the trainer's accumulation steps)."""
-    per_rank = train.micro_batch_size * dp_size
-    if train.global_batch_size % per_rank:
-        raise ConfigError(
-            f"train.global_batch_size={train.global_batch_size} must be a multiple of train.micro_batch_size="
-            f"{train.micro_batch_size} x data-parallel degree {dp_size}"
+def run_layout(ctx: ParallelContext) -> RunLayout:
+    """The context's run layout; a context built by hand around a bare RankLayout is refused."""
+    if not isinstance(ctx.layout, RunLayout):
+        raise ValueError(
+            "this needs the run's layout: build the context with init_parallel(cfg) or "
+            "ParallelContext.build(plan_layout(cfg, world_size)) / ParallelContext.single(layout=...)"
         )
-    return train.global_batch_size // per_rank
+    return ctx.layout
 
 
 def build_parallel_training(
     ctx: ParallelContext,
     model: nn.Module,
     run_cfg: RunConfig,
+    param_groups: list[dict[str, Any]],
     *,
     bucket_numel: int = DEFAULT_BUCKET_NUMEL,
     schedule: Callable | None = None,
 ) -> ParallelTraining:
-    """Everything parallel the trainer needs, for a model already sharded and on its device."""
+    """Everything parallel the trainer needs, for a model already built for this rank.
+
+    `param_groups` are torch-style groups of the model's trainable parameters (weight decay per
+    group); the caller decides them (training.optim.parameter_groups).
+    """
+    layout = run_layout(ctx)
     tc = run_cfg.train
-    num_microbatches = micro_batches_per_step(tc, ctx.dp_size)
-    cast_parameters(model, precision_dtype(tc.precision))
+    _check_precision(model, precision_dtype(tc.precision))
     shared = shared_embedding(model, ctx)
     named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
-    layout = FlatLayout(
+    flat = FlatLayout(
         named[::-1], ctx.dp_size, bucket_numel, own_bucket=[shared] if shared is not None else []
     )
-    sharded = run_cfg.parallel.distributed_optimizer
+    sharded = layout.distributed_optimizer
     device = named[0][1].device
     buffer = GradBuffer(
-        layout, ctx.dp_group, num_microbatches=num_microbatches, reduce_scatter=sharded, device=device
+        flat, ctx.dp_group, num_microbatches=layout.num_microbatches, reduce_scatter=sharded, device=device
     )
     optimizer_cls = DistributedOptimizer if sharded else MixedPrecisionOptimizer
-    optimizer = optimizer_cls(model, run_cfg.optim, buffer, ctx)
+    optimizer = optimizer_cls(model, param_groups, run_cfg.optim, buffer, ctx)
     scaler = DynamicLossScaler(world_group(ctx), device=device) if tc.precision == "fp16" else None
     hooks = build_parallel_hooks(ctx, model, optimizer, schedule=schedule)
+    hooks.loss_scaler = scaler
     return ParallelTraining(optimizer, hooks, scaler, buffer)
+
+
+def _check_precision(model: nn.Module, dtype: torch.dtype) -> None:
+    wrong = [(n, p.dtype) for n, p in model.named_parameters() if p.dtype != dtype]
+    if wrong:
+        name, got = wrong[0]
+        raise ValueError(
+            f"parameter {name} is {got} but the run trains in {dtype}: build the model with "
+            "megatron_andromeda.builder.build_model (it casts the parameters last)"
+        )
 
 
 def build_parallel_hooks(
@@ -99,6 +174,7 @@ def build_parallel_hooks(
     schedule: Callable | None = None,
 ) -> ParallelHooks:
     """The trainer's ParallelHooks for this rank; `optimizer` owns the gradient buffer they finish."""
+    layout = run_layout(ctx)
     if ctx.pp_size > 1 and schedule is None:
         raise ConfigError(
             "parallel.pipeline > 1 needs a pipeline schedule: pass schedule= (parallel/pipeline)"
@@ -110,11 +186,9 @@ def build_parallel_hooks(
         finish_gradients(optimizer.grad_buffer, ctx.tp_group, shared, ctx.embedding_group)
 
     return ParallelHooks(
-        dp_rank=ctx.dp_rank,
-        dp_size=ctx.dp_size,
-        is_logging_rank=ctx.rank == 0,
-        num_devices=ctx.world_size,
-        schedule=schedule,
+        layout=layout,
+        rank=ctx.rank,
+        schedule=schedule or no_pipelining,
         finish_gradients=finish,
         loss_from_last_stage=partial(loss_from_last_stage, ctx=ctx),
         grad_norm=lambda grads: optimizer.grad_norm(),  # reads the reduced fp32 shards, not `grads`

@@ -9,10 +9,11 @@ the bf16 weight. In fp32 runs the "master" is a view of the parameter itself: no
 `MixedPrecisionOptimizer` is the plain, replicated optimizer: every data-parallel rank holds every
 master weight and Adam moment. `DistributedOptimizer` (distributed_optimizer.py) subclasses it to
 hold one shard. Both update 1-D *fragments* (elements [start, stop) of a flattened parameter) with a
-torch AdamW built from the same parameter groups as `training.optim.build_optimizer`, so
-`set_learning_rate` and per-group weight decay work unchanged.
+torch AdamW built from the parameter groups the caller gives (`training.optim.parameter_groups`, the
+same groups as the plain torch optimizer), so `set_learning_rate` and per-group weight decay work
+unchanged.
 
-state_dict() layout (what training/checkpoint.flatten_optimizer_state stores):
+state_dict() layout (what checkpoint/state.py stores, pickle-free):
 
     {"state": {i: {"step": tensor(), "exp_avg": (n,), "exp_avg_sq": (n,),  # fp32, 1-D
                    "master_param": (n,),     # only for bf16/fp16 parameters (fp32 ones are the weights)
@@ -20,7 +21,7 @@ state_dict() layout (what training/checkpoint.flatten_optimizer_state stores):
                    "numel": n}},                           # of its n elements
      "param_groups": [{"lr", "betas", "eps", "weight_decay", ..., "params": [i, ...], "param_names": [...]}]}
 
-`i` is the parameter's position in the order of `parameter_groups` (the indices torch's AdamW
+`i` is the parameter's position in the order of the parameter groups (the indices torch's AdamW
 uses). "params" / "param_names" list every parameter of a group on every rank; "state" has only the
 fragments this rank holds. To reshard, concatenate the fragments of parameter i over the data ranks
 in shard_start order (`distributed_optimizer.merge_optimizer_states`): an entry without shard
@@ -41,7 +42,6 @@ from megatron_andromeda.parallel.context import ParallelContext
 from megatron_andromeda.parallel.data_parallel import GradBuffer
 from megatron_andromeda.parallel.grad_norm import counted_ranges, global_grad_norm, pipeline_copies
 from megatron_andromeda.parallel.mappings import Group, all_reduce_
-from megatron_andromeda.training.optim import parameter_groups
 
 PRECISIONS = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 _SHARD_KEYS = ("shard_start", "shard_stop")
@@ -87,7 +87,15 @@ class Fragment:
 class MixedPrecisionOptimizer:
     """AdamW on fp32 master fragments, reading the fp32 main gradients; replicated over data ranks."""
 
-    def __init__(self, model: nn.Module, cfg: OptimConfig, grad_buffer: GradBuffer, ctx: ParallelContext):
+    def __init__(
+        self,
+        model: nn.Module,
+        param_groups: list[dict[str, Any]],
+        cfg: OptimConfig,
+        grad_buffer: GradBuffer,
+        ctx: ParallelContext,
+    ):
+        """`param_groups`: torch-style groups of `model`'s trainable parameters with their own settings."""
         self.grad_buffer = grad_buffer
         self.ctx = ctx
         self.device = grad_buffer.data.device
@@ -96,7 +104,7 @@ class MixedPrecisionOptimizer:
         self.fragments: list[Fragment] = []
         self._group_params: list[list[tuple[int, str]]] = []
         groups, index = [], 0
-        for group in parameter_groups(model, cfg):
+        for group in param_groups:
             masters, members = [], []
             for param in group["params"]:
                 members.append((index, names[param]))

@@ -32,15 +32,23 @@ from functools import partial
 import torch
 from torch import nn
 
-from megatron_andromeda.config import ConfigError, ParallelConfig
-from megatron_andromeda.models.gpt import GPTModel, language_model_loss, sample_totals
-from megatron_andromeda.parallel.context import ParallelContext, check_tensor_parallel
+from megatron_andromeda.config import ParallelConfig
+from megatron_andromeda.errors import ConfigError
+from megatron_andromeda.models.gpt import GPTModel
+from megatron_andromeda.parallel.context import ParallelContext
+from megatron_andromeda.parallel.layout import check_tensor_parallel
 from megatron_andromeda.parallel.mappings import (
     all_reduce_,
     scatter_to_sequence_parallel_region,
 )
 from megatron_andromeda.parallel.random import RNGTracker
-from megatron_andromeda.parallel.sharding import kv_heads_per_rank, kv_replicas, shard_param, split_kind
+from megatron_andromeda.parallel.sharding import (
+    kv_heads_per_rank,
+    kv_replicas,
+    shard_param,
+    shard_qkv_layout,
+    split_kind,
+)
 from megatron_andromeda.parallel.tensor_parallel import (
     ColumnParallelLinear,
     ReplicatedRows,
@@ -51,10 +59,7 @@ from megatron_andromeda.parallel.tensor_parallel import (
     leave_region,
     sum_partial_grads,
     tensor_parallel_parameter,
-    vocab_parallel_cross_entropy,
 )
-
-LossFn = Callable[..., tuple[torch.Tensor, dict[str, torch.Tensor]]]
 
 
 def parallelize_model(model: GPTModel, ctx: ParallelContext, parallel_cfg: ParallelConfig) -> GPTModel:
@@ -99,10 +104,10 @@ def _parallelize_block(
     attn.num_kv_heads = kv_heads_per_rank(cfg, tp)
     reps = kv_replicas(cfg, tp)
     if reps > 1:  # the shard is [q; k; v]: its k and v rows are copies held by `reps` ranks
-        q_rows, kv_rows = attn.num_heads * cfg.kv_channels, attn.num_kv_heads * cfg.kv_channels
+        layout = shard_qkv_layout(cfg, tp)
         attn.qkv_proj.weight.tp_replicated_rows = ReplicatedRows(
-            start=q_rows,
-            stop=q_rows + 2 * kv_rows,
+            start=layout.q_rows,
+            stop=layout.rows,
             slot=ctx.tp_rank // reps,
             num_slots=tp // reps,
             replicas=reps,
@@ -187,42 +192,7 @@ def _run_in_tensor_parallel_stream(module: nn.Module, rng: RNGTracker) -> None:
     module.register_forward_hook(leave, always_call=True)
 
 
-# --------------------------------------------------------------------------------------------- loss and grads
-def make_loss_fn(ctx: ParallelContext, real_vocab_size: int | None = None) -> LossFn:
-    """A function like `language_model_loss(logits, labels, loss_mask, z_loss)` for this context.
-
-    With tp > 1 the logits are vocabulary-sharded and the loss is the vocabulary-parallel one. With
-    real_vocab_size, logits of the padding ids >= real_vocab_size are excluded from the softmax
-    (and from the z-loss's logsumexp) on every layout.
-    """
-    if ctx.tp_size == 1:
-        return partial(_single_loss, real_vocab_size=real_vocab_size)
-    return partial(_vocab_parallel_loss, group=ctx.tp_group, real_vocab_size=real_vocab_size)
-
-
-def _single_loss(logits, labels, loss_mask=None, z_loss=0.0, *, real_vocab_size=None):
-    if real_vocab_size is not None and real_vocab_size < logits.shape[-1]:
-        padding = torch.arange(logits.shape[-1], device=logits.device) >= real_vocab_size
-        logits = logits.float().masked_fill(padding, float("-inf"))
-    return language_model_loss(logits, labels, loss_mask, z_loss)
-
-
-def _vocab_parallel_loss(logits, labels, loss_mask=None, z_loss=0.0, *, group, real_vocab_size=None):
-    # logits: (B, T, V/tp) on every tensor rank; the result is replicated across the group.
-    ce, lse = vocab_parallel_cross_entropy(
-        logits.reshape(-1, logits.shape[-1]), labels.reshape(-1), group, real_vocab_size
-    )
-    mask = torch.ones_like(ce) if loss_mask is None else loss_mask.reshape(-1).float()
-    denom = mask.sum().clamp(min=1.0)
-    lm_loss = (ce * mask).sum() / denom
-    total, parts = lm_loss, {"lm_loss": lm_loss.detach(), **sample_totals(ce, mask, labels.shape[0])}
-    if z_loss > 0:
-        z = (lse.square() * mask).sum() / denom
-        total = total + z_loss * z
-        parts["z_loss"] = z.detach()
-    return total, parts
-
-
+# --------------------------------------------------------------------------------------------- grads
 def finalize_tp_grads(model: nn.Module, ctx: ParallelContext) -> None:
     """After the step's last backward: sum replicated weights' partial gradients over the tensor group."""
     sum_partial_grads(model, ctx.tp_group)

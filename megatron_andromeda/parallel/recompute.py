@@ -14,7 +14,10 @@ generator's state, and the tensor-parallel streams of `RNGTracker` (drawn by att
 tensor-parallel model inside a block) are rewound to their state at the forward for the recompute.
 
 The module's `forward` is replaced on the instance rather than wrapped in a new module, so parameter
-names (and with them checkpoints, sharding rules and optimizer groups) do not change.
+names (and with them checkpoints, sharding rules and optimizer groups) do not change. The wrapper
+looks the class's forward up at every call instead of keeping the bound method it replaced: a
+kernel swap that changes the module's class (the flash attention core) is honoured whichever came
+first. `megatron_andromeda.builder` applies recomputation after the kernels, as documented there.
 """
 
 from __future__ import annotations
@@ -52,12 +55,15 @@ def apply_recompute(model: nn.Module, mode: str, rng: RNGTracker | None = None) 
         if isinstance(module, _TARGETS[mode]):
             if getattr(module, "recompute", None):
                 raise ValueError(f"{type(module).__name__} already recomputes ({module.recompute})")
-            module.forward = _recomputed(module.forward, module, rng)
+            module.forward = _recomputed(module, rng)
             module.recompute = mode
     return model
 
 
-def _recomputed(forward: Callable, module: nn.Module, rng: RNGTracker | None) -> Callable:
+def _recomputed(module: nn.Module, rng: RNGTracker | None) -> Callable:
+    def forward(*args, **kwargs):
+        return type(module).forward(module, *args, **kwargs)  # the class's forward now, not at wrap time
+
     def run(*args, **kwargs):
         if not module.training or not torch.is_grad_enabled():
             return forward(*args, **kwargs)

@@ -25,7 +25,8 @@ from collections.abc import Mapping, Sequence
 
 import torch
 
-from megatron_andromeda.config import ModelConfig
+from megatron_andromeda.models.attention import QKVLayout
+from megatron_andromeda.models.config import ModelConfig
 
 _RULES: tuple[tuple[str, str], ...] = (
     (r"attn\.qkv_proj\.weight$", "qkv"),
@@ -54,18 +55,21 @@ def kv_replicas(cfg: ModelConfig, tp: int) -> int:
     return max(tp // cfg.num_kv_heads, 1)
 
 
+def shard_qkv_layout(cfg: ModelConfig, tp: int) -> QKVLayout:
+    """The fused qkv layout of one rank's shard: its query heads, then the KV heads they use."""
+    return QKVLayout(cfg.num_heads // tp, kv_heads_per_rank(cfg, tp), cfg.kv_channels)
+
+
 def qkv_rows(cfg: ModelConfig, rank: int, tp: int) -> tuple[slice, slice, slice]:
     """The q, k and v row ranges of the full fused qkv weight that rank `rank` holds."""
-    hd, heads, kv = cfg.kv_channels, cfg.num_heads, cfg.num_kv_heads
-    q_rows = heads // tp * hd
-    kv_rows = kv_heads_per_rank(cfg, tp) * hd
+    full, shard = QKVLayout.of(cfg), shard_qkv_layout(cfg, tp)
     chunk = rank // kv_replicas(cfg, tp)  # which KV chunk this rank's query heads use
-    k_start = heads * hd + chunk * kv_rows
-    v_start = k_start + kv * hd
+    k_start = full.q_rows + chunk * shard.kv_rows
+    v_start = k_start + full.kv_rows
     return (
-        slice(rank * q_rows, (rank + 1) * q_rows),
-        slice(k_start, k_start + kv_rows),
-        slice(v_start, v_start + kv_rows),
+        slice(rank * shard.q_rows, (rank + 1) * shard.q_rows),
+        slice(k_start, k_start + shard.kv_rows),
+        slice(v_start, v_start + shard.kv_rows),
     )
 
 
@@ -107,18 +111,16 @@ def _same_replicas(name: str, copies: Sequence[torch.Tensor], ranks: Sequence[in
 
 def _merge_qkv(name: str, shards: Sequence[torch.Tensor], cfg: ModelConfig, check: bool) -> torch.Tensor:
     tp = len(shards)
-    hd = cfg.kv_channels
-    q_rows, kv_rows = cfg.num_heads // tp * hd, kv_heads_per_rank(cfg, tp) * hd
+    layout = shard_qkv_layout(cfg, tp)
     reps = kv_replicas(cfg, tp)
-    q = [s[:q_rows] for s in shards]
-    k, v = [], []
+    parts = [layout.split(s) for s in shards]  # (q, k, v) of every rank
+    q, k, v = [p[0] for p in parts], [], []
     for first in range(0, tp, reps):
         ranks = list(range(first, first + reps))
-        group = [shards[r] for r in ranks]
         if check:
-            _same_replicas(name, [s[q_rows:] for s in group], ranks)
-        k.append(group[0][q_rows : q_rows + kv_rows])
-        v.append(group[0][q_rows + kv_rows :])
+            _same_replicas(name, [shards[r][layout.q_rows :] for r in ranks], ranks)
+        k.append(parts[first][1])
+        v.append(parts[first][2])
     return torch.cat(q + k + v)
 
 

@@ -15,13 +15,15 @@ import os
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 
+from megatron_andromeda.errors import UserError
+
 JSONL_SUFFIXES = (".jsonl", ".json", ".ndjson")
 COMPRESSED_SUFFIXES = {".gz": "gzip", ".zst": "zstd", ".zstd": "zstd"}
 PARQUET_SUFFIXES = (".parquet", ".pq")
 HF_MARKERS = ("state.json", "dataset_info.json", "dataset_dict.json")
 
 
-class InputError(ValueError):
+class InputError(UserError, ValueError):
     """An input that cannot be read; the message names the file and what to do."""
 
 

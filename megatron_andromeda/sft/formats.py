@@ -30,6 +30,8 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import IO, Any
 
+from megatron_andromeda.errors import UserError
+
 Message = dict[str, str]
 Conversation = list[Message]
 
@@ -49,7 +51,7 @@ SHAREGPT_ROLES = {
 _HH_TURN = re.compile(r"\n\n(Human|Assistant):")
 
 
-class FormatError(ValueError):
+class FormatError(UserError, ValueError):
     """A record that cannot be read; the message names the file and line where it is known."""
 
 

@@ -12,8 +12,8 @@ import contextlib
 import math
 import resource
 import time
-from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass, field
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
@@ -21,9 +21,11 @@ import numpy as np
 import torch
 from torch import nn
 
+from megatron_andromeda import checkpoint as ckpt
 from megatron_andromeda.config import RunConfig
 from megatron_andromeda.models.accounting import training_flops_per_token
-from megatron_andromeda.training import checkpoint as ckpt
+from megatron_andromeda.parallel.hooks import ParallelHooks
+from megatron_andromeda.parallel.layout import RunLayout
 from megatron_andromeda.training.metrics import MetricsLogger, peak_flops_for
 from megatron_andromeda.training.optim import learning_rate, set_learning_rate
 
@@ -36,28 +38,6 @@ class TrainState:
     consumed_samples: int = 0
     skipped_steps: int = 0
     consecutive_skips: int = 0
-
-
-@dataclass
-class ParallelHooks:
-    """How the loop cooperates with other ranks; the defaults are those of a single process."""
-
-    dp_rank: int = 0
-    dp_size: int = 1
-    is_logging_rank: bool = True
-    num_devices: int = 1
-    schedule: Callable[..., list[dict[str, torch.Tensor]]] = field(default=None)  # type: ignore[assignment]
-    finish_gradients: Callable[[nn.Module], None] = lambda model: None
-    loss_from_last_stage: Callable[[torch.Tensor], torch.Tensor] = lambda t: t
-    grad_norm: Callable[[Sequence[torch.Tensor]], torch.Tensor] | None = None
-    mean_across_data: Callable[[torch.Tensor], torch.Tensor] = lambda t: t
-    any_rank_true: Callable[[bool], bool] = lambda flag: flag
-    loss_scaler: Any = None  # fp16 across ranks: parallel.mixed_precision.DynamicLossScaler
-    rng: Any = None  # parallel.random.RNGTracker: its states are saved in and restored from checkpoints
-
-    def __post_init__(self):
-        if self.schedule is None:
-            self.schedule = no_pipelining
 
 
 def source_names(dataset: Any) -> list[str]:
@@ -73,20 +53,6 @@ def per_source_totals(
     totals[0].index_add_(0, source_id, parts["sample_loss_sum"].float())
     totals[1].index_add_(0, source_id, parts["sample_tokens"].float())
     return totals
-
-
-def no_pipelining(
-    forward_step, data_iterator, model: nn.Module, num_microbatches: int, forward_only: bool = False
-) -> list[dict]:
-    """The schedule of a model that is not split into stages: forward and backward each micro-batch."""
-    parts = []
-    for _ in range(num_microbatches):
-        output, loss_fn = forward_step(data_iterator, model)
-        loss, loss_parts = loss_fn(output)
-        if not forward_only:
-            loss.backward()
-        parts.append(loss_parts)
-    return parts
 
 
 class Trainer:
@@ -122,15 +88,13 @@ class Trainer:
         self.lr_step_offset = lr_step_offset
         self.lr_total_steps = lr_total_steps or cfg.train.steps
         tc = cfg.train
-        per_rank = tc.global_batch_size // self.hooks.dp_size
-        if tc.global_batch_size % (tc.micro_batch_size * self.hooks.dp_size):
-            raise ValueError(
-                f"train.global_batch_size={tc.global_batch_size} must be a multiple of "
-                f"train.micro_batch_size="
-                f"{tc.micro_batch_size} x data-parallel degree {self.hooks.dp_size}"
-            )
-        self.samples_per_rank = per_rank
-        self.accumulation_steps = per_rank // tc.micro_batch_size
+        # The run's layout owns the batch arithmetic; one process without hooks derives its own.
+        layout = self.hooks.layout or RunLayout.single(
+            cfg.model.num_layers, tc.micro_batch_size, tc.global_batch_size
+        )
+        self.layout = layout
+        self.samples_per_rank = layout.samples_per_rank
+        self.accumulation_steps = layout.num_microbatches
         self.tokens_per_step = tc.global_batch_size * cfg.data.seq_length
         self.flops_per_token = training_flops_per_token(cfg.model, cfg.data.seq_length)
         self.logger = logger or MetricsLogger(cfg.logging, run_dir, tc.steps, self.hooks.is_logging_rank)
@@ -139,9 +103,8 @@ class Trainer:
         # What the optimizer updates: the model's parameters, or fp32 master copies in parallel runs.
         self.params = [p for group in optimizer.param_groups for p in group["params"]]
         self.num_sources = len(source_names(train_data))
-        self.checkpointer = ckpt.Checkpointer(
-            cfg, ckpt.Placement.from_config(cfg), rng_tracker=self.hooks.rng
-        )
+        self.placement = ckpt.Placement(layout, self.hooks.rank, layout.distributed_optimizer)
+        self.checkpointer = ckpt.Checkpointer(cfg, self.placement, rng_tracker=self.hooks.rng)
 
     # ------------------------------------------------------------------------------------------ data
     def micro_batches(self, step_start_sample: int, dataset: Any | None = None):
@@ -262,8 +225,8 @@ class Trainer:
     def _skip_step(self) -> None:
         self.state.skipped_steps += 1
         self.state.consecutive_skips += 1
-        self.logger.print(
-            f"step {self.state.step}: non-finite loss or gradient, update skipped on every rank"
+        self.logger.print(  # numbered like the metrics line of this step (after the increment)
+            f"step {self.state.step + 1}: non-finite loss or gradient, update skipped on every rank"
         )
         limit = self.cfg.train.max_consecutive_skips
         if self.state.consecutive_skips >= limit:
@@ -402,7 +365,7 @@ class Trainer:
         if ckpt.resolve_checkpoint(path) is None:
             return False
         state = ckpt.load_checkpoint(
-            path, self.model, self.optimizer, placement=ckpt.Placement.from_config(self.cfg),
+            path, self.model, self.optimizer, placement=self.placement,
             rng_tracker=self.hooks.rng, tokenizer=self.cfg.data.tokenizer,
         )  # fmt: skip
         for key in asdict(self.state):

@@ -29,67 +29,16 @@ import torch
 from torch import nn
 from torch.autograd.graph import get_gradient_edge
 
-from megatron_andromeda.config import ConfigError, ParallelConfig, RunConfig
+from megatron_andromeda.models.config import ModelConfig
 from megatron_andromeda.parallel.context import ParallelContext
-from megatron_andromeda.parallel.mixed_precision import precision_dtype
+from megatron_andromeda.parallel.hooks import run_layout
+from megatron_andromeda.parallel.layout import RunLayout, check_schedule
 from megatron_andromeda.parallel.pipeline.p2p import Message, PipelineComm
 from megatron_andromeda.parallel.pipeline.plans import Compute, Layout, Transfer, build_plan
-from megatron_andromeda.parallel.pipeline.stages import split_layers
 from megatron_andromeda.parallel.pipeline.watchdog import Watchdog
 
 Parts = dict[str, torch.Tensor]
 ForwardStep = Callable[[Iterator, nn.Module], tuple[Any, Callable]]
-
-
-# --------------------------------------------------------------------------------------------- config
-def schedule_name(parallel: ParallelConfig) -> str:
-    return "interleaved" if parallel.virtual_stages > 1 else parallel.schedule
-
-
-def check_schedule(parallel: ParallelConfig, num_microbatches: int) -> None:
-    """Raise ConfigError, naming the fields to change, when the schedule cannot run."""
-    if parallel.virtual_stages > 1 and parallel.schedule == "gpipe":
-        raise ConfigError(
-            "parallel.schedule=gpipe has no interleaved form: "
-            "set parallel.schedule=1f1b or parallel.virtual_stages=1"
-        )
-    check_counts(parallel.pipeline, parallel.virtual_stages, num_microbatches)
-
-
-def check_counts(p: int, v: int, num_microbatches: int) -> None:
-    """The micro-batch rules: at least p of them, and a multiple of p when interleaving."""
-    if v > 1 and p == 1:
-        raise ConfigError(
-            "parallel.virtual_stages > 1 interleaves pipeline stages: it needs parallel.pipeline > 1"
-        )
-    if p > 1 and num_microbatches < p:
-        raise ConfigError(
-            f"{num_microbatches} micro-batches per step (train.global_batch_size / (train.micro_batch_size x "
-            f"data-parallel degree)) cannot fill parallel.pipeline={p} stages: raise train.global_batch_size "
-            "or lower parallel.pipeline"
-        )
-    if v > 1 and num_microbatches % p:
-        raise ConfigError(
-            f"the interleaved schedule (parallel.virtual_stages={v}) sends micro-batches through the ring in "
-            f"groups of parallel.pipeline={p}: {num_microbatches} micro-batches per step is not a multiple; "
-            "change train.global_batch_size"
-        )
-
-
-def microbatches_per_step(run_cfg: RunConfig, data_parallel: int) -> int:
-    tc = run_cfg.train
-    return tc.global_batch_size // (tc.micro_batch_size * data_parallel)
-
-
-def check_pipeline_config(run_cfg: RunConfig, data_parallel: int) -> None:
-    """Everything about pipelining that can fail, checked with no process group (call before init).
-
-    The layer split (`parallel.layers_per_stage` or the balanced one) and the schedule's
-    micro-batch rules; raises ConfigError naming the fields to change.
-    """
-    pc = run_cfg.parallel
-    split_layers(run_cfg.model.num_layers, pc.pipeline, pc.virtual_stages, pc.layers_per_stage)
-    check_schedule(pc, microbatches_per_step(run_cfg, data_parallel))
 
 
 # --------------------------------------------------------------------------------------------- schedules
@@ -137,39 +86,40 @@ SCHEDULE_FUNCTIONS = {"gpipe": gpipe, "1f1b": one_f_one_b, "interleaved": interl
 
 def build_pipeline_schedule(
     ctx: ParallelContext,
-    run_cfg: RunConfig,
+    model_cfg: ModelConfig,
+    seq_length: int,
+    dtype: torch.dtype,
     *,
     watchdog: Watchdog | None = None,
-    dtype: torch.dtype | None = None,
+    comm_timeout_s: float = 600.0,
 ) -> Callable[..., list[Parts]]:
-    """This rank's schedule for `ParallelHooks.schedule`, after checking the configuration.
+    """This rank's schedule for `ParallelHooks.schedule`, as the run layout names it.
 
-    `dtype` is that of the hidden states between stages: by default the parameters' dtype for
-    `train.precision` (parallel/hooks.py casts the model to it). The watchdog defaults to one with
-    `parallel.comm_timeout_s` on the job's store.
+    `dtype` is that of the hidden states between stages (the parameters' dtype). The watchdog
+    defaults to one with `comm_timeout_s` on the job's store.
     """
-    pc = run_cfg.parallel
-    check_pipeline_config(run_cfg, ctx.dp_size)
+    layout = run_layout(ctx)
     if watchdog is None:
-        watchdog = Watchdog.for_job(pc.comm_timeout_s)
+        watchdog = Watchdog.for_job(comm_timeout_s)
     comm = PipelineComm(
         ctx.pp_group,
         [ctx.layout.rank_of(p, ctx.dp_rank, ctx.tp_rank) for p in range(ctx.pp_size)],
         ctx.pp_rank,
-        stage_activation_shape(run_cfg),
-        dtype or precision_dtype(run_cfg.train.precision),
+        stage_activation_shape(layout, model_cfg, seq_length),
+        dtype,
         ctx.device,
         watchdog,
     )
-    return partial(SCHEDULE_FUNCTIONS[schedule_name(pc)], comm=comm)
+    return partial(SCHEDULE_FUNCTIONS[layout.schedule], comm=comm)
 
 
-def stage_activation_shape(run_cfg: RunConfig) -> tuple[int, int, int]:
+def stage_activation_shape(
+    layout: RunLayout, model_cfg: ModelConfig, seq_length: int
+) -> tuple[int, int, int]:
     """(micro_batch, sequence, hidden) of one message; the sequence is this rank's chunk under
     sequence parallelism (see parallel/parallelize.py)."""
-    pc = run_cfg.parallel
-    seq = run_cfg.data.seq_length // (pc.tensor if pc.sequence_parallel else 1)
-    return (run_cfg.train.micro_batch_size, seq, run_cfg.model.hidden_size)
+    seq = seq_length // (layout.tp if layout.sequence_parallel else 1)
+    return (layout.micro_batch_size, seq, model_cfg.hidden_size)
 
 
 # --------------------------------------------------------------------------------------------- executor
@@ -187,7 +137,7 @@ def run_plan(
         raise ValueError(f"schedule {schedule!r} got {len(chunks)} model chunks on this rank")
     layout = Layout(comm.size, len(chunks), num_microbatches)
     if not forward_only:
-        check_counts(comm.size, len(chunks), num_microbatches)
+        check_schedule(comm.size, len(chunks), "gpipe" if schedule == "gpipe" else "1f1b", num_microbatches)
     run = _Execution(
         layout, comm, chunks, forward_step, _MicrobatchData(data_iterator, len(chunks)), forward_only
     )

@@ -1,11 +1,12 @@
-"""Pipeline stages: which layers each rank holds, the stage modules, and the tied embedding across them.
+"""Pipeline stages: the stage module and the tied embedding across stages.
 
-The model's layers are cut into p * v consecutive spans, one per virtual stage; virtual stage
-s = chunk * p + rank lives on pipeline rank `rank` as its model chunk `chunk` (v = 1 without
-interleaving). Stage 0 also holds the embedding and the last stage the final norm and the head.
-Every stage is a `PipelineStage`: a GPTModel built with only its own layers and seeded by parameter
-name, so its weights are exactly those of the full model, and parameter names match the full model's
-("layers.7.attn.qkv_proj.weight"). Tensor parallelism and recomputation are applied per stage.
+The model's layers are cut into p * v consecutive spans, one per virtual stage (`layout.split_layers`,
+held by the run layout); virtual stage s = chunk * p + rank lives on pipeline rank `rank` as its
+model chunk `chunk` (v = 1 without interleaving). Stage 0 also holds the embedding and the last
+stage the final norm and the head. Every stage is a `PipelineStage`: a GPTModel built with only its
+own layers and seeded by parameter name, so its weights are exactly those of the full model, and
+parameter names match the full model's ("layers.7.attn.qkv_proj.weight"). `megatron_andromeda.builder`
+builds them and applies the transforms per stage.
 
 With tied embeddings the last stage holds its own copy of the embedding as `lm_head.weight`: it is
 copied from stage 0 at build time (`sync_tied_embedding_weights`) and the two gradients are summed
@@ -21,49 +22,11 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from megatron_andromeda.config import ConfigError, ModelConfig, RunConfig
 from megatron_andromeda.models.attention import KVCache
+from megatron_andromeda.models.config import ModelConfig
 from megatron_andromeda.models.gpt import GPTModel
 from megatron_andromeda.parallel.context import ParallelContext
 from megatron_andromeda.parallel.grad_norm import shared_embedding
-from megatron_andromeda.parallel.parallelize import parallelize_model
-from megatron_andromeda.parallel.recompute import apply_recompute
-
-
-# --------------------------------------------------------------------------------------------- layer split
-def split_layers(
-    num_layers: int, pipeline: int, virtual_stages: int = 1, layers_per_stage: Sequence[int] | None = None
-) -> list[range]:
-    """The layer indices of each virtual stage, in stage order (stage s = chunk * pipeline + rank).
-
-    Balanced by default; when the layers do not divide evenly the first stages take one more, since
-    the last stage also runs the output head and the loss. `layers_per_stage` gives the counts
-    explicitly: one per pipeline rank, or one per virtual stage when interleaving.
-    """
-    stages = pipeline * virtual_stages
-    if layers_per_stage:
-        counts = list(layers_per_stage)
-        if len(counts) != stages:
-            raise ConfigError(
-                f"parallel.layers_per_stage has {len(counts)} entries but there are {stages} stages "
-                f"(parallel.pipeline={pipeline} x parallel.virtual_stages={virtual_stages}); "
-                "give one count per stage, in stage order"
-            )
-        if sum(counts) != num_layers or min(counts) < 1:
-            raise ConfigError(
-                f"parallel.layers_per_stage={counts} must be positive counts summing to "
-                f"model.num_layers={num_layers}"
-            )
-    else:
-        if num_layers < stages:
-            raise ConfigError(
-                f"model.num_layers={num_layers} cannot give each of the {stages} pipeline stages "
-                f"(parallel.pipeline={pipeline} x parallel.virtual_stages={virtual_stages}) a layer"
-            )
-        base, extra = divmod(num_layers, stages)
-        counts = [base + (s < extra) for s in range(stages)]
-    starts = [sum(counts[:s]) for s in range(stages)]
-    return [range(start, start + n) for start, n in zip(starts, counts)]
 
 
 # --------------------------------------------------------------------------------------------- stage module
@@ -107,33 +70,6 @@ class PipelineStage(GPTModel):
             )
         hidden, self._input = self._input, None  # (B, T, D)
         return super().forward(hidden, position_ids, segment_ids, cache)
-
-
-def build_pipeline_model(run_cfg: RunConfig, ctx: ParallelContext) -> nn.Module:
-    """This rank's stage (or nn.ModuleList of chunks when interleaving), sharded and ready to train.
-
-    Weights equal the full model's built with `init_seed=train.seed`; the tied head copy is
-    synchronised from the first stage (a collective over the embedding group: call on every rank).
-    """
-    pc = run_cfg.parallel
-    p, v = ctx.pp_size, pc.virtual_stages
-    spans = split_layers(run_cfg.model.num_layers, p, v, pc.layers_per_stage)
-    chunks = []
-    for chunk in range(v):
-        stage = chunk * p + ctx.pp_rank
-        module = PipelineStage(
-            run_cfg.model,
-            layer_ids=spans[stage],
-            pre_process=stage == 0,
-            post_process=stage == p * v - 1,
-            init_seed=run_cfg.train.seed,
-        )
-        parallelize_model(module, ctx, pc)
-        apply_recompute(module, pc.recompute, ctx.rng)
-        chunks.append(module.to(ctx.device))
-    model = chunks[0] if v == 1 else nn.ModuleList(chunks)
-    sync_tied_embedding_weights(model, ctx)
-    return model
 
 
 # --------------------------------------------------------------------------------------------- tied embedding

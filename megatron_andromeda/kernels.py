@@ -1,4 +1,4 @@
-"""Kernel backends, chosen in one place: attention, linear layers / FP8, rotary, cross-entropy, compile.
+"""Kernels, chosen in one place: attention, linear layers / FP8, rotary, cross-entropy, compile.
 
 Three steps, each testable on its own:
 
@@ -8,9 +8,10 @@ Three steps, each testable on its own:
    `BackendChoice` with a reason per decision (logged at start-up as `choice.describe()`, e.g.
    `attention=sdpa (flash-attn not installed)`). What was asked for explicitly and cannot run is an
    error, never a silent fallback; `auto` falls back and says why;
-3. `apply_backends(model, choice)` swaps modules of an unmodified GPTModel in place (parameter
-   names do not change), `fp8_context(choice)` wraps the forward pass and `loss_function(choice)`
-   gives the loss.
+3. `apply_kernels(model, choice)` swaps modules of a GPTModel (or of every chunk of a pipeline
+   stage) in place, parameter names unchanged; `compile_blocks(model)` compiles each block;
+   `fp8_context(choice)` wraps the forward pass and `fused_cross_entropy()` gives the fused loss.
+   `megatron_andromeda.builder` calls them in the one documented order.
 
 Every path computes the same function as the plain one (SDPA, nn.Linear, torch rotary and
 cross-entropy) within bf16 tolerance; the GPU tests in tests/test_backends.py check it.
@@ -26,9 +27,10 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from megatron_andromeda.config import BackendConfig, ConfigError
+from megatron_andromeda.config import BackendConfig
+from megatron_andromeda.errors import ConfigError
 from megatron_andromeda.models.attention import Attention, AttentionInputs, CoreAttention
-from megatron_andromeda.models.gpt import language_model_loss, sample_totals
+from megatron_andromeda.models.gpt import GPTModel
 from megatron_andromeda.models.rotary import apply_rotary
 
 FP8_MIN_CAPABILITY = (8, 9)  # Ada / Hopper: the first GPUs with FP8 tensor cores
@@ -333,10 +335,12 @@ def flash_rotary_fn() -> Callable[[torch.Tensor, torch.Tensor, torch.Tensor, boo
 
 
 def _blocks(model: nn.Module) -> Iterator[nn.Module]:
-    layers = getattr(model, "layers", None)
-    if layers is None:
-        raise TypeError(f"apply_backends expects a GPTModel (with .layers), got {type(model).__name__}")
-    yield from layers.values()
+    """The transformer blocks of a GPTModel, or of every GPTModel chunk inside `model` (interleaving)."""
+    chunks = [m for m in model.modules() if isinstance(m, GPTModel)]
+    if not chunks:
+        raise TypeError(f"expected a GPTModel or a list of GPTModel chunks, got {type(model).__name__}")
+    for chunk in chunks:
+        yield from chunk.layers.values()
 
 
 def _replace_children(
@@ -362,14 +366,13 @@ def _te_linear(te, old: nn.Linear, fp8: bool) -> nn.Module:
     return new
 
 
-def apply_backends(
-    model: nn.Module, choice: BackendChoice, *, compile_backend: str = "inductor"
-) -> nn.Module:
+def apply_kernels(model: nn.Module, choice: BackendChoice) -> nn.Module:
     """Swap the chosen kernels into `model` in place and return it; parameter names are unchanged.
 
-    Call after the weights are loaded and the model is on its device (and after tensor
-    parallelism, which swaps its own linear layers). The output head stays a plain bf16 matmul
-    even with FP8, as is usual: its precision matters most for the loss.
+    `model` is a GPTModel or a pipeline stage's chunks. Call it after tensor parallelism (which
+    replaces the linear layers with its own) and with the model on its device, before
+    recomputation and compile (megatron_andromeda.builder does). The output head stays a plain
+    matmul even with FP8, as is usual: its precision matters most for the loss.
     """
     blocks = list(_blocks(model))
     if choice.attention != "sdpa":
@@ -387,11 +390,17 @@ def apply_backends(
         fp8 = choice.fp8 != "none"
         for block in blocks:
             _replace_children(block, lambda m: type(m) is nn.Linear, lambda m: _te_linear(te, m, fp8))
-    if choice.compile:
-        for block in blocks:
-            block.compile(
-                backend=compile_backend
-            )  # in place: the parameter names keep no `_orig_mod.` prefix
+    return model
+
+
+def compile_blocks(model: nn.Module, backend: str = "inductor") -> nn.Module:
+    """torch.compile each transformer block in place (parameter names keep no `_orig_mod.` prefix).
+
+    Per block rather than the whole model: pipeline stages, recomputation wrappers and the
+    trainer's hooks stay plain Python, and one compiled graph serves every identical block.
+    """
+    for block in _blocks(model):
+        block.compile(backend=backend)
     return model
 
 
@@ -417,29 +426,23 @@ def fp8_context(choice: BackendChoice, group=None) -> contextlib.AbstractContext
     return te.fp8_autocast(enabled=True, fp8_recipe=make_fp8_recipe(choice.fp8), fp8_group=group)
 
 
-def loss_function(choice: BackendChoice) -> Callable[..., tuple[torch.Tensor, dict[str, torch.Tensor]]]:
-    """`language_model_loss`, or the same loss through flash-attn's fused cross-entropy kernel."""
-    if choice.cross_entropy != "flash":
-        return language_model_loss
-    ce = importlib.import_module("flash_attn.ops.triton.cross_entropy")
+def fused_cross_entropy() -> Callable[[torch.Tensor, torch.Tensor, float], tuple[torch.Tensor, torch.Tensor]]:
+    """flash-attn's Triton cross-entropy as `(logits (N, V), labels (N,), z_loss) -> (ce, lse^2)` per token.
 
-    def fused_loss(logits, labels, loss_mask=None, z_loss: float = 0.0):
-        # The kernel takes bf16 logits directly (no (B*T, V) fp32 copy) and adds z_loss * lse^2 itself.
-        flat = logits.reshape(-1, logits.shape[-1])
-        losses, z_losses = ce.cross_entropy_loss(flat, labels.reshape(-1), lse_square_scale=z_loss)
-        mask = torch.ones_like(losses) if loss_mask is None else loss_mask.reshape(-1).float()
-        denom = mask.sum().clamp(min=1.0)
-        total = (losses * mask).sum() / denom
-        z_part = (z_losses.detach() * mask).sum() / denom
-        parts = {
-            "lm_loss": total.detach() - z_part,
-            **sample_totals(losses.detach() - z_losses.detach(), mask, labels.shape[0]),
-        }
-        if z_loss > 0:
-            parts["z_loss"] = z_part / z_loss
-        return total, parts
+    The kernel reads half-precision logits directly (no (N, V) fp32 copy) and folds z_loss * lse^2
+    into the loss it differentiates; the returned `ce` carries that combined gradient and `lse^2` is
+    detached, so `models.gpt.reduce_token_losses(ce, ..., lse_squared, z_loss)` gives the same value
+    and gradient as the plain loss.
+    """
+    ce_kernel = importlib.import_module("flash_attn.ops.triton.cross_entropy")
 
-    return fused_loss
+    def per_token(flat_logits, flat_labels, z_loss):
+        losses, z_losses = ce_kernel.cross_entropy_loss(flat_logits, flat_labels, lse_square_scale=z_loss)
+        z_part = z_losses.detach()
+        lse_squared = z_part / z_loss if z_loss > 0 else None
+        return losses - z_part, lse_squared
+
+    return per_token
 
 
 __all__ = [
@@ -448,9 +451,10 @@ __all__ = [
     "Environment",
     "FlashCoreAttention",
     "Library",
-    "apply_backends",
+    "apply_kernels",
+    "compile_blocks",
     "fp8_context",
-    "loss_function",
+    "fused_cross_entropy",
     "probe_environment",
     "select_backends",
 ]

@@ -1,4 +1,4 @@
-"""Backend selection and the swapped modules.
+"""Kernel selection and the swapped modules.
 
 On CPU the optional libraries are replaced by fake modules in `sys.modules` whose kernels compute
 the reference math and record their calls, so the code paths that import and call them really run;
@@ -9,34 +9,32 @@ real kernel with the plain path within bf16 tolerance.
 from __future__ import annotations
 
 import contextlib
-import enum
-import math
 import sys
 import types
-from dataclasses import dataclass
 
 import pytest
 import torch
-import torch.nn.functional as F
-from torch import nn
 
-from megatron_andromeda import backends
-from megatron_andromeda.backends import (
+from megatron_andromeda import kernels
+from megatron_andromeda.builder import build_loss_fn
+from megatron_andromeda.config import ConfigError, ModelConfig
+from megatron_andromeda.kernels import (
     BackendChoice,
     BackendConfig,
     Environment,
     FlashCoreAttention,
     Library,
-    apply_backends,
+    apply_kernels,
+    compile_blocks,
     fp8_context,
-    loss_function,
+    fused_cross_entropy,
     probe_environment,
     select_backends,
 )
-from megatron_andromeda.config import ConfigError, ModelConfig
 from megatron_andromeda.models import GPTModel, language_model_loss
 from megatron_andromeda.models.attention import Attention, CoreAttention
 from megatron_andromeda.models.rotary import apply_rotary
+from megatron_andromeda.parallel import ParallelContext, make_loss_fn
 
 CPU = torch.device("cpu")
 CUDA = torch.device("cuda", 0)
@@ -190,113 +188,6 @@ def test_probe_reports_missing_present_and_broken(monkeypatch):
     assert not broken.ok and broken.problem.startswith("import failed: OSError: libcudart")
 
 
-# --------------------------------------------------------------------------------------------- fakes
-def reference_attention(q, k, v, causal):
-    """Attention on (B, T, H, hd) tensors, computed in fp32 the textbook way."""
-    groups = q.shape[2] // k.shape[2]
-    k, v = k.repeat_interleave(groups, dim=2).float(), v.repeat_interleave(groups, dim=2).float()
-    scores = torch.einsum("bqhd,bkhd->bhqk", q.float(), k) / math.sqrt(q.shape[-1])
-    if causal:
-        T = q.shape[1]
-        scores = scores.masked_fill(torch.ones(T, T, dtype=torch.bool).triu(1), float("-inf"))
-    return torch.einsum("bhqk,bkhd->bqhd", scores.softmax(-1), v).to(q.dtype)
-
-
-@pytest.fixture
-def fake_flash(monkeypatch):
-    """flash_attn with a recording flash_attn_func, a rotary kernel and a cross-entropy kernel."""
-    calls: list[dict] = []
-    root = types.ModuleType("flash_attn")
-    root.__version__ = "2.7.4"
-
-    def flash_attn_func(q, k, v, dropout_p=0.0, causal=False):
-        calls.append(
-            {"q": tuple(q.shape), "k": tuple(k.shape), "causal": causal, "contiguous": q.is_contiguous()}
-        )
-        return reference_attention(q, k, v, causal)
-
-    def apply_rotary_emb(x, cos, sin, interleaved=False):
-        calls.append({"rotary": tuple(cos.shape), "interleaved": interleaved})
-        d = cos.shape[-1]
-        cos, sin = cos[:, None, :], sin[:, None, :]  # (T, 1, d/2) over (B, T, H, d/2)
-        x1, x2 = (x[..., 0::2], x[..., 1::2]) if interleaved else (x[..., :d], x[..., d:])
-        r1, r2 = x1 * cos - x2 * sin, x1 * sin + x2 * cos
-        return torch.stack((r1, r2), -1).flatten(-2) if interleaved else torch.cat((r1, r2), -1)
-
-    def cross_entropy_loss(logits, labels, lse_square_scale=0.0):
-        calls.append({"ce": tuple(logits.shape), "dtype": logits.dtype})
-        lse = torch.logsumexp(logits.float(), dim=-1)
-        z = lse_square_scale * lse.square()
-        return lse - logits.float().gather(1, labels[:, None])[:, 0] + z, z.detach()
-
-    root.flash_attn_func = flash_attn_func
-    rotary = types.ModuleType("flash_attn.layers.rotary")
-    rotary.apply_rotary_emb = apply_rotary_emb
-    ce = types.ModuleType("flash_attn.ops.triton.cross_entropy")
-    ce.cross_entropy_loss = cross_entropy_loss
-    for name, module in (
-        ("flash_attn", root),
-        ("flash_attn.layers.rotary", rotary),
-        ("flash_attn.ops.triton.cross_entropy", ce),
-    ):
-        monkeypatch.setitem(sys.modules, name, module)
-    monkeypatch.setattr(backends, "KERNEL_DEVICES", ("cuda", "cpu"))  # let the kernels see CPU tensors
-    return calls
-
-
-@pytest.fixture
-def fake_te(monkeypatch):
-    """transformer_engine with a recording Linear and fp8_autocast."""
-    log: dict[str, list] = {"linear": [], "autocast": []}
-
-    class Linear(nn.Module):
-        def __init__(self, in_features, out_features, bias=True, params_dtype=None, device=None):
-            super().__init__()
-            log["linear"].append((in_features, out_features, bias, params_dtype, torch.device(device)))
-            self.weight = nn.Parameter(
-                torch.empty(out_features, in_features, dtype=params_dtype, device=device)
-            )
-
-        def forward(self, x):
-            return F.linear(x, self.weight)
-
-    @contextlib.contextmanager
-    def fp8_autocast(enabled=False, fp8_recipe=None, fp8_group=None):
-        log["autocast"].append((enabled, fp8_recipe, fp8_group))
-        yield
-
-    class Format(enum.Enum):
-        E4M3 = "e4m3"
-        HYBRID = "hybrid"
-
-    @dataclass
-    class DelayedScaling:
-        fp8_format: Format
-        amax_history_len: int
-        amax_compute_algo: str
-
-    @dataclass
-    class Float8CurrentScaling:
-        fp8_format: Format
-
-    root, pytorch_mod = types.ModuleType("transformer_engine"), types.ModuleType("transformer_engine.pytorch")
-    root.__version__ = "2.4.0"
-    pytorch_mod.Linear, pytorch_mod.fp8_autocast = Linear, fp8_autocast
-    recipe = types.ModuleType("transformer_engine.common.recipe")
-    recipe.Format, recipe.DelayedScaling, recipe.Float8CurrentScaling = (
-        Format,
-        DelayedScaling,
-        Float8CurrentScaling,
-    )
-    for name, module in (
-        ("transformer_engine", root),
-        ("transformer_engine.pytorch", pytorch_mod),
-        ("transformer_engine.common.recipe", recipe),
-    ):
-        monkeypatch.setitem(sys.modules, name, module)
-    return log
-
-
 # --------------------------------------------------------------------------------------------- swaps
 def test_probe_sees_the_fakes(fake_flash, fake_te):
     env = probe_environment(CPU)
@@ -315,7 +206,7 @@ def test_flash_attention_swap_matches_sdpa(fake_flash):
     for module in model.modules():
         if isinstance(module, CoreAttention):
             module.register_forward_pre_hook(lambda mod, args: hook_calls.append(type(mod)))
-    apply_backends(model, choice)
+    apply_kernels(model, choice)
     cores = [m for m in model.modules() if isinstance(m, CoreAttention)]
     assert len(cores) == TINY.num_layers and all(type(m) is FlashCoreAttention for m in cores)
     assert [n for n, _ in model.named_parameters()] == names
@@ -334,7 +225,7 @@ def test_flash_attention_falls_back_to_sdpa(fake_flash):
     with torch.autocast("cpu", dtype=torch.bfloat16):
         packed = model(x, segment_ids=segments)
     plain = model(x)
-    apply_backends(model, BackendChoice(attention="flash2"))
+    apply_kernels(model, BackendChoice(attention="flash2"))
     with torch.autocast("cpu", dtype=torch.bfloat16):
         assert torch.equal(model(x, segment_ids=segments), packed)
     assert torch.equal(model(x), plain)
@@ -346,10 +237,10 @@ def test_te_linear_swap_keeps_names_and_logits(fake_te):
     expected = model(x)
     state = model.state_dict()
     choice = select_backends(BackendConfig(fp8="delayed"), CUDA, env=gpu_env(transformer_engine=HAVE))
-    apply_backends(model, choice)
+    apply_kernels(model, choice)
     assert len(fake_te["linear"]) == 4 * TINY.num_layers  # qkv, o, gate_up, down; never the head
     assert all(entry[2] is False and entry[3] == torch.float32 for entry in fake_te["linear"])
-    assert type(model.layers["0"].attn.qkv_proj).__module__ == __name__
+    assert type(model.layers["0"].attn.qkv_proj).__module__ == "fake_kernels"
     assert model.state_dict().keys() == state.keys()
     assert torch.equal(model(x), expected)
 
@@ -373,8 +264,8 @@ def test_fp8_checks_layer_shapes(fake_te):
         vocab_size=64, hidden_size=40, num_layers=1, num_heads=2, head_dim=20, ffn_hidden_size=60
     )
     with pytest.raises(ConfigError, match="divisible by 16, a linear layer is 40 -> 80"):
-        apply_backends(build(odd), BackendChoice(linear="te", fp8="delayed"))
-    apply_backends(build(odd), BackendChoice(linear="te"))  # BF16 TE has no such limit
+        apply_kernels(build(odd), BackendChoice(linear="te", fp8="delayed"))
+    apply_kernels(build(odd), BackendChoice(linear="te"))  # BF16 TE has no such limit
 
 
 def test_fused_cross_entropy_matches_plain(fake_flash):
@@ -382,8 +273,9 @@ def test_fused_cross_entropy_matches_plain(fake_flash):
     logits = torch.randn(2, 8, 96, requires_grad=True)
     labels = torch.randint(0, 96, (2, 8))
     mask = (torch.rand(2, 8) > 0.3).float()
-    fused = loss_function(BackendChoice(cross_entropy="flash"))
-    assert loss_function(BackendChoice()) is language_model_loss
+    single = ParallelContext.single()
+    fused = build_loss_fn(single, BackendChoice(cross_entropy="flash"), real_vocab_size=None)
+    assert build_loss_fn(single, BackendChoice(), None).func is language_model_loss
     total, parts = fused(logits, labels, mask, z_loss=1e-2)
     (grad,) = torch.autograd.grad(total, logits)
     ref_total, ref_parts = language_model_loss(logits, labels, mask, z_loss=1e-2)
@@ -402,7 +294,7 @@ def test_fused_rotary_matches_torch(fake_flash, interleaved):
     rope = RotaryEmbedding(16, 32, interleaved=interleaved)
     x = torch.randn(2, 12, 3, 16)
     cos, sin = rope(None, 12)  # (T, 1, d/2)
-    fused = backends.flash_rotary_fn()
+    fused = kernels.flash_rotary_fn()
     torch.testing.assert_close(fused(x, cos, sin, interleaved), apply_rotary(x, cos, sin, interleaved))
     assert fake_flash == [{"rotary": (12, 8), "interleaved": interleaved}]
     per_sample = rope(torch.arange(12).repeat(2, 1), 12)  # (B, T, 1, d/2): the torch path
@@ -411,7 +303,7 @@ def test_fused_rotary_matches_torch(fake_flash, interleaved):
 
 
 def test_rotary_swap_sets_the_hook(fake_flash):
-    model = apply_backends(build(), BackendChoice(rotary="flash"))
+    model = apply_kernels(build(), BackendChoice(rotary="flash"))
     hooks = {m.rotary_fn.__qualname__ for m in model.modules() if isinstance(m, Attention)}
     assert hooks == {"flash_rotary_fn.<locals>.fused"}
 
@@ -420,7 +312,7 @@ def test_fused_rotary_runs_inside_the_model(fake_flash):
     model, x = build(), tokens()
     with torch.autocast("cpu", dtype=torch.bfloat16):
         expected = model(x).float()
-        got = apply_backends(model, BackendChoice(rotary="flash"))(x).float()
+        got = apply_kernels(model, BackendChoice(rotary="flash"))(x).float()
     assert [c["rotary"] for c in fake_flash] == [(16, 8)] * (2 * TINY.num_layers)  # q and k of each layer
     torch.testing.assert_close(got, expected, atol=3e-2, rtol=3e-2)
 
@@ -428,7 +320,7 @@ def test_fused_rotary_runs_inside_the_model(fake_flash):
 def test_compile_each_block_keeps_names_and_logits():
     model, x = build(), tokens()
     expected, names = model(x), list(model.state_dict())
-    apply_backends(model, BackendChoice(compile=True), compile_backend="eager")  # inductor: see the GPU test
+    compile_blocks(model, "eager")  # inductor: see the GPU test
     assert all(block._compiled_call_impl is not None for block in model.layers.values())
     assert list(model.state_dict()) == names
     torch.testing.assert_close(model(x), expected)
@@ -438,7 +330,7 @@ def test_plain_choice_changes_nothing():
     model, x = build(), tokens()
     before = [type(m) for m in model.modules()]
     expected = model(x)
-    apply_backends(model, select_backends(BackendConfig(), CPU, env=Environment()))
+    apply_kernels(model, select_backends(BackendConfig(), CPU, env=Environment()))
     assert [type(m) for m in model.modules()] == before
     assert torch.equal(model(x), expected)
 
@@ -457,7 +349,9 @@ def _bf16_errors(choice: BackendChoice, compile_backend: str = "inductor") -> tu
         reference = model(x).float()
         with torch.autocast("cuda", dtype=torch.bfloat16):
             plain = model(x).float()
-        apply_backends(model, choice, compile_backend=compile_backend)
+        apply_kernels(model, choice)
+        if choice.compile:
+            compile_blocks(model, compile_backend)
         with torch.autocast("cuda", dtype=torch.bfloat16), fp8_context(choice):
             fused = model(x).float()
     return (plain - reference).abs().max().item(), (fused - reference).abs().max().item()
@@ -502,7 +396,8 @@ def test_gpu_fused_cross_entropy_matches():
     _require(probe_environment(CUDA).flash_cross_entropy.ok, "flash-attn's cross-entropy")
     logits = torch.randn(4096, 50304, device="cuda", dtype=torch.bfloat16, requires_grad=True)
     labels = torch.randint(0, 50304, (4096,), device="cuda")
-    fused, _ = loss_function(BackendChoice(cross_entropy="flash"))(logits, labels, z_loss=1e-4)
+    fused_loss = make_loss_fn(ParallelContext.single(), fused=fused_cross_entropy())
+    fused, _ = fused_loss(logits, labels, z_loss=1e-4)
     plain, _ = language_model_loss(logits, labels, z_loss=1e-4)
     torch.testing.assert_close(fused, plain, atol=1e-3, rtol=1e-3)
 

@@ -10,7 +10,8 @@ from __future__ import annotations
 
 import dataclasses
 
-from megatron_andromeda.config import ConfigError, ModelConfig
+from megatron_andromeda.errors import ConfigError
+from megatron_andromeda.models.config import ModelConfig
 
 _PALM = dict(
     vocab_size=50304,

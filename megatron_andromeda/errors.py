@@ -1,0 +1,39 @@
+"""The errors a user can cause and fix, and how command lines report them (a leaf module).
+
+Every package raises a subclass of `UserError` for what the input got wrong (a config field, a
+file, a flag): `ConfigError` here, `CheckpointError`, `DatasetError`, `InputError`, ... in their
+packages. Command lines run under `report_user_errors()`, which prints such an error as its message
+alone (once per job under torchrun, not once per rank) and exits non-zero; set
+`ANDROMEDA_TRACEBACK=1` to see the traceback as well. Anything else is a bug and keeps its traceback.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import sys
+from collections.abc import Iterator
+
+TRACEBACK_ENV = "ANDROMEDA_TRACEBACK"
+EXIT_USER_ERROR = 2
+
+
+class UserError(Exception):
+    """An expected failure caused by the input; its message names the file / flag / field and the fix."""
+
+
+class ConfigError(UserError, ValueError):
+    """A configuration that cannot run; the message names the field and what to do."""
+
+
+@contextlib.contextmanager
+def report_user_errors(prefix: str = "error") -> Iterator[None]:
+    """Turn a UserError raised inside into `prefix: message` on stderr and exit code 2."""
+    try:
+        yield
+    except UserError as err:
+        if os.environ.get(TRACEBACK_ENV, "") not in ("", "0"):
+            raise
+        if int(os.environ.get("RANK", "0")) == 0:  # under torchrun every rank fails alike: say it once
+            print(f"{prefix}: {err}", file=sys.stderr, flush=True)
+        sys.exit(EXIT_USER_ERROR)

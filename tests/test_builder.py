@@ -1,0 +1,146 @@
+"""The one model builder: its transforms run in the documented order and each sees the earlier ones.
+
+TP -> kernels -> recomputation -> compile -> precision. For every pair that can meet, a test checks
+that the later transform acts on what the earlier one made: recomputation replays the flash kernel
+and the TE linears (not the modules they replaced), compile keeps the recomputation, the precision
+cast reaches the swapped-in modules. The kernels are the recording fakes of fake_kernels.py.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from megatron_andromeda.builder import build_model
+from megatron_andromeda.config import RunConfig, load_config
+from megatron_andromeda.kernels import BackendChoice, FlashCoreAttention, apply_kernels
+from megatron_andromeda.models import GPTModel
+from megatron_andromeda.models.attention import CoreAttention
+from megatron_andromeda.parallel import ParallelContext, plan_layout
+from megatron_andromeda.parallel.recompute import apply_recompute
+
+LAYERS = 2
+
+
+def run_config(*extra: str) -> RunConfig:
+    return load_config(
+        None,
+        [
+            "model.vocab_size=96", "model.hidden_size=64", f"model.num_layers={LAYERS}", "model.num_heads=4",
+            "model.head_dim=16", "model.ffn_hidden_size=96", "model.max_seq_length=32", "data.seq_length=16",
+            "train.micro_batch_size=2", "train.global_batch_size=2", *extra,
+        ],
+    )  # fmt: skip
+
+
+def single(cfg: RunConfig) -> ParallelContext:
+    return ParallelContext.single(seed=cfg.train.seed, layout=plan_layout(cfg, 1))
+
+
+def tokens(batch: int = 2, seq: int = 16) -> torch.Tensor:
+    return torch.randint(0, 96, (batch, seq), generator=torch.Generator().manual_seed(1))
+
+
+def forward_backward(model: nn.Module, x: torch.Tensor, autocast: bool = False) -> torch.Tensor:
+    model.train()
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+        logits = model(x)
+    logits.float().logsumexp(-1).mean().backward()
+    return logits.detach().float()
+
+
+def test_plain_build_equals_the_unmodified_model():
+    cfg = run_config()
+    model = build_model(cfg, single(cfg))
+    reference = GPTModel(cfg.model, init_seed=cfg.train.seed)
+    assert type(model) is GPTModel
+    assert model.state_dict().keys() == reference.state_dict().keys()
+    assert all(
+        torch.equal(a, b) for a, b in zip(model.state_dict().values(), reference.state_dict().values())
+    )
+
+
+def test_flash_then_selective_recompute_replays_the_flash_kernel(fake_flash):
+    """The issue 15 bug: with recompute applied first, the wrapper kept calling the SDPA forward."""
+    cfg = run_config("parallel.recompute=selective", "train.precision=bf16")
+    model = build_model(cfg, single(cfg), BackendChoice(attention="flash2"))
+    cores = [m for m in model.modules() if isinstance(m, CoreAttention)]
+    assert all(type(c) is FlashCoreAttention and c.recompute == "selective" for c in cores)
+    forward_backward(model, tokens(), autocast=True)
+    # one call per layer in the forward, one more per layer when the backward recomputes the core
+    assert len([c for c in fake_flash if "q" in c]) == 2 * LAYERS
+
+
+def test_recompute_applied_before_a_kernel_swap_still_calls_the_kernel(fake_flash):
+    """Recomputation looks the class's forward up at call time, so even the old order is right."""
+    cfg = run_config()
+    model = apply_recompute(GPTModel(cfg.model, init_seed=1), "selective")
+    apply_kernels(model, BackendChoice(attention="flash2"))
+    forward_backward(model.to(torch.bfloat16), tokens())
+    assert len([c for c in fake_flash if "q" in c]) == 2 * LAYERS
+
+
+def test_te_linears_then_full_recompute_replays_the_te_modules(fake_te):
+    cfg = run_config("parallel.recompute=full")
+    model = build_model(cfg, single(cfg), BackendChoice(linear="te"))
+    linears = [
+        m for m in model.modules() if type(m).__name__ == "Linear" and type(m).__module__ == "fake_kernels"
+    ]
+    assert len(linears) == 4 * LAYERS  # qkv, o, gate_up, down of every block
+    calls = []
+    for m in linears:
+        m.register_forward_hook(lambda mod, args, out: calls.append(mod))
+    model.train()
+    with torch.no_grad():
+        model(tokens())
+    forward_calls = len(calls)
+    assert forward_calls == 4 * LAYERS
+    calls.clear()
+    model(tokens()).logsumexp(-1).mean().backward()
+    recomputed = calls[forward_calls:]
+    # the backward re-ran each block's forward through the TE modules (torch stops a recomputation
+    # once it has every tensor it needs, so a block's last projection may be skipped)
+    blocks_replayed = {
+        next(n for n, b in model.layers.items() if any(m is c for m in b.modules())) for c in recomputed
+    }
+    assert blocks_replayed == set(model.layers), blocks_replayed
+
+
+def saved_bytes(model: nn.Module, x: torch.Tensor) -> int:
+    """Bytes autograd keeps for the backward outside any recomputed region (its own hooks hide those)."""
+    total = 0
+
+    def pack(t: torch.Tensor):
+        nonlocal total
+        total += t.numel() * t.element_size()
+        return t
+
+    model.train()
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        model(x).float().sum().backward()
+    return total
+
+
+def test_compile_keeps_the_recomputation():
+    x = tokens(4, 16)
+    compiled = build_model(
+        cfg := run_config(), single(cfg), BackendChoice(compile=True), compile_backend="eager"
+    )
+    recomputed_cfg = run_config("parallel.recompute=full")
+    both = build_model(
+        recomputed_cfg, single(recomputed_cfg), BackendChoice(compile=True), compile_backend="eager"
+    )
+    assert all(b._compiled_call_impl is not None and b.recompute == "full" for b in both.layers.values())
+    plain_bytes, recomputed_bytes = saved_bytes(compiled, x), saved_bytes(both, x)
+    assert recomputed_bytes < 0.5 * plain_bytes, (recomputed_bytes, plain_bytes)
+    torch.testing.assert_close(both(x), compiled(x))
+
+
+def test_precision_reaches_the_swapped_in_modules(fake_te, fake_flash):
+    cfg = run_config("train.precision=bf16", "parallel.recompute=selective")
+    model = build_model(cfg, single(cfg), BackendChoice(attention="flash2", linear="te"))
+    assert {p.dtype for p in model.parameters()} == {torch.bfloat16}
+    assert all(type(m).__module__ == "fake_kernels" for m in model.modules() if type(m).__name__ == "Linear")
+    assert all(
+        isinstance(b, torch.Tensor) and b.dtype == torch.float32 for b in model.buffers()
+    )  # tables stay
