@@ -19,6 +19,7 @@ cross-entropy) within bf16 tolerance; the GPU tests in tests/test_backends.py ch
 from __future__ import annotations
 
 import contextlib
+import functools
 import importlib
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -30,6 +31,7 @@ from megatron_andromeda.config import BackendConfig, ConfigError
 from megatron_andromeda.models.attention import Attention, AttentionInputs, CoreAttention
 from megatron_andromeda.models.gpt import language_model_loss, sample_totals
 from megatron_andromeda.models.rotary import apply_rotary
+from megatron_andromeda.models.vocab import mask_padding_logits
 
 FP8_MIN_CAPABILITY = (8, 9)  # Ada / Hopper: the first GPUs with FP8 tensor cores
 FLASH2_MIN_CAPABILITY = (8, 0)  # Ampere
@@ -417,15 +419,21 @@ def fp8_context(choice: BackendChoice, group=None) -> contextlib.AbstractContext
     return te.fp8_autocast(enabled=True, fp8_recipe=make_fp8_recipe(choice.fp8), fp8_group=group)
 
 
-def loss_function(choice: BackendChoice) -> Callable[..., tuple[torch.Tensor, dict[str, torch.Tensor]]]:
-    """`language_model_loss`, or the same loss through flash-attn's fused cross-entropy kernel."""
+def loss_function(
+    choice: BackendChoice, real_vocab_size: int | None = None
+) -> Callable[..., tuple[torch.Tensor, dict[str, torch.Tensor]]]:
+    """`language_model_loss`, or the same loss through flash-attn's fused cross-entropy kernel; ids
+    >= `real_vocab_size` (vocabulary padding) get probability zero either way."""
     if choice.cross_entropy != "flash":
-        return language_model_loss
+        if real_vocab_size is None:
+            return language_model_loss
+        return functools.partial(language_model_loss, real_vocab_size=real_vocab_size)
     ce = importlib.import_module("flash_attn.ops.triton.cross_entropy")
 
     def fused_loss(logits, labels, loss_mask=None, z_loss: float = 0.0):
-        # The kernel takes bf16 logits directly (no (B*T, V) fp32 copy) and adds z_loss * lse^2 itself.
-        flat = logits.reshape(-1, logits.shape[-1])
+        # The kernel takes bf16 logits directly (no (B*T, V) fp32 copy) and adds z_loss * lse^2 itself;
+        # masking the padding ids costs one bf16 copy, and only when there is padding.
+        flat = mask_padding_logits(logits.reshape(-1, logits.shape[-1]), real_vocab_size)
         losses, z_losses = ce.cross_entropy_loss(flat, labels.reshape(-1), lse_square_scale=z_loss)
         mask = torch.ones_like(losses) if loss_mask is None else loss_mask.reshape(-1).float()
         denom = mask.sum().clamp(min=1.0)

@@ -153,7 +153,7 @@ def build_training(cfg: RunConfig, ctx: ParallelContext, real_vocab_size: int, f
     apply_backends(model, backends)  # new modules: before the optimizer sees the parameters
     frozen = freeze_parameters(model, freeze)
     if backends.cross_entropy == "flash" and ctx.tp_size == 1:
-        loss_fn = loss_function(backends)
+        loss_fn = loss_function(backends, real_vocab_size)  # padding ids masked out
     else:
         loss_fn = make_loss_fn(ctx, real_vocab_size=real_vocab_size)  # padding ids masked out
     if not ctx.distributed:

@@ -20,6 +20,7 @@ from megatron_andromeda.config import ModelConfig
 from megatron_andromeda.models.attention import AttentionInputs, KVCache, alibi_bias, alibi_slopes
 from megatron_andromeda.models.layers import make_block, make_norm
 from megatron_andromeda.models.rotary import RotaryEmbedding
+from megatron_andromeda.models.vocab import mask_padding_logits
 
 
 class GPTModel(nn.Module):
@@ -151,12 +152,16 @@ def language_model_loss(
     labels: torch.Tensor,
     loss_mask: torch.Tensor | None = None,
     z_loss: float = 0.0,
+    *,
+    real_vocab_size: int | None = None,
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """Mean cross-entropy over unmasked tokens, plus PaLM's z-loss; computed in fp32.
 
-    Returns the loss to backpropagate and detached parts for logging (`lm_loss`, `z_loss`).
+    Ids >= `real_vocab_size` (vocabulary padding, see models/vocab.py) get probability zero, in the
+    cross-entropy and in the z-loss's logsumexp. Returns the loss to backpropagate and detached
+    parts for logging (`lm_loss`, `z_loss`).
     """
-    logits = logits.float()
+    logits = mask_padding_logits(logits.float(), real_vocab_size)
     flat = logits.reshape(-1, logits.shape[-1])
     ce = F.cross_entropy(flat, labels.reshape(-1), reduction="none")
     mask = torch.ones_like(ce) if loss_mask is None else loss_mask.reshape(-1).float()

@@ -196,15 +196,8 @@ def make_loss_fn(ctx: ParallelContext, real_vocab_size: int | None = None) -> Lo
     (and from the z-loss's logsumexp) on every layout.
     """
     if ctx.tp_size == 1:
-        return partial(_single_loss, real_vocab_size=real_vocab_size)
+        return partial(language_model_loss, real_vocab_size=real_vocab_size)
     return partial(_vocab_parallel_loss, group=ctx.tp_group, real_vocab_size=real_vocab_size)
-
-
-def _single_loss(logits, labels, loss_mask=None, z_loss=0.0, *, real_vocab_size=None):
-    if real_vocab_size is not None and real_vocab_size < logits.shape[-1]:
-        padding = torch.arange(logits.shape[-1], device=logits.device) >= real_vocab_size
-        logits = logits.float().masked_fill(padding, float("-inf"))
-    return language_model_loss(logits, labels, loss_mask, z_loss)
 
 
 def _vocab_parallel_loss(logits, labels, loss_mask=None, z_loss=0.0, *, group, real_vocab_size=None):
