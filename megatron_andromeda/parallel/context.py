@@ -35,7 +35,8 @@ def padded_vocab_size(vocab_size: int, tensor: int, multiple: int = VOCAB_ALIGNM
     """The smallest size >= vocab_size divisible by tensor * multiple.
 
     Use it to size the embedding from a tokenizer's real vocabulary; the extra rows are never a
-    target and `make_loss_fn(ctx, real_vocab_size=...)` masks their logits out of the softmax.
+    target and `make_loss_fn(ctx, real_vocab_size=...)` masks their logits out of the softmax, as
+    evaluation, sampling and the Hugging Face export do (models/vocab.py).
     """
     step = tensor * multiple
     return -(-vocab_size // step) * step
