@@ -61,6 +61,8 @@ def resize_vocabulary(
     if vocab_size < 1:
         raise ValueError(f"vocab_size={vocab_size} must be >= 1")
     out = dict(state)
+    if vocab_size == cfg.vocab_size:
+        return cfg, out
     for name in VOCAB_ROWS:
         if name not in out:
             continue
