@@ -4,6 +4,11 @@ With the cache the prompt is run once and every later step feeds a single token,
 continuing positions from `cache.length`; without it every step recomputes the whole sequence,
 which is slower but is the reference the cached path is tested against. Prompts in a batch share
 one length (no padding), which is all the command-line tool and the tests need.
+
+`generate` needs the tokenizer's vocabulary size (`real_vocab_size`): the model may have more output
+rows than the tokenizer has ids (vocabulary padding, models/vocab.py), and those ids are masked
+before any filter or sampling, so greedy, top-k, top-p and temperature sampling never produce one.
+It is a required argument so that no caller can forget it; None says the model has no padding.
 """
 
 from __future__ import annotations
@@ -15,7 +20,7 @@ import torch
 from torch import nn
 
 from megatron_andromeda.config import ConfigError
-from megatron_andromeda.models import KVCache
+from megatron_andromeda.models import KVCache, mask_padding_logits
 
 
 @dataclass
@@ -74,12 +79,14 @@ def generate(
     prompt: torch.Tensor,
     cfg: SamplingConfig,
     *,
+    real_vocab_size: int | None,
     generator: torch.Generator | None = None,
     use_cache: bool = True,
     on_token: Callable[[torch.Tensor], None] | None = None,
 ) -> torch.Tensor:
     """Prompt (B, T) -> prompt plus up to `cfg.max_new_tokens` new tokens, (B, T + n).
 
+    `real_vocab_size` is the tokenizer's vocabulary size: only ids below it are ever produced.
     `on_token` is called with each step's tokens (B,) as soon as they exist (streaming). Stops
     early once every row has produced `cfg.eos_id`.
     """
@@ -88,22 +95,24 @@ def generate(
         raise ValueError(
             f"prompt must be a non-empty (batch, length) tensor of ids, got {tuple(prompt.shape)}"
         )
+    if real_vocab_size is not None and int(prompt.max()) >= real_vocab_size:
+        raise ValueError(f"prompt id {int(prompt.max())} is not in the tokenizer's {real_vocab_size} ids")
     was_training = model.training
     model.eval()
     try:
-        return _decode(model, prompt, cfg, generator, use_cache, on_token)
+        return _decode(model, prompt, cfg, real_vocab_size, generator, use_cache, on_token)
     finally:
         model.train(was_training)
 
 
-def _decode(model, prompt, cfg, generator, use_cache, on_token) -> torch.Tensor:
+def _decode(model, prompt, cfg, real_vocab_size, generator, use_cache, on_token) -> torch.Tensor:
     tokens = prompt
     cache = KVCache() if use_cache else None
     finished = torch.zeros(prompt.shape[0], dtype=torch.bool, device=prompt.device)
     step_input = prompt
     for _ in range(cfg.max_new_tokens):
         logits = model(step_input if use_cache else tokens, cache=cache)[:, -1]  # (B, V)
-        new = next_token(logits, cfg, generator)
+        new = next_token(mask_padding_logits(logits, real_vocab_size), cfg, generator)
         if cfg.eos_id is not None:
             new = new.masked_fill(finished, cfg.eos_id)
             finished |= new == cfg.eos_id

@@ -68,15 +68,22 @@ def test_cached_decoding_equals_full_recomputation(shape):
     model = tiny_model(**SHAPES[shape])
     prompt = torch.randint(0, 101, (2, 7), generator=torch.Generator().manual_seed(2))
     greedy = SamplingConfig(max_new_tokens=20, temperature=0.0)
-    cached = generate(model, prompt, greedy, use_cache=True)
-    full = generate(model, prompt, greedy, use_cache=False)
+    cached = generate(model, prompt, greedy, use_cache=True, real_vocab_size=None)
+    full = generate(model, prompt, greedy, use_cache=False, real_vocab_size=None)
     assert cached.shape == (2, 27)
     assert torch.equal(cached, full)
     assert torch.equal(cached[:, :7], prompt)
     # Sampled decoding with the same seed walks the same path too (the logits agree to ~1e-6).
     sampled = SamplingConfig(max_new_tokens=20, temperature=1.0, top_k=20, top_p=0.9)
-    a = generate(model, prompt, sampled, generator=torch.Generator().manual_seed(3))
-    b = generate(model, prompt, sampled, generator=torch.Generator().manual_seed(3), use_cache=False)
+    a = generate(model, prompt, sampled, generator=torch.Generator().manual_seed(3), real_vocab_size=None)
+    b = generate(
+        model,
+        prompt,
+        sampled,
+        generator=torch.Generator().manual_seed(3),
+        use_cache=False,
+        real_vocab_size=None,
+    )
     assert torch.equal(a, b)
 
 
@@ -85,9 +92,16 @@ def test_seed_reproducibility_and_streaming_callback():
     prompt = torch.tensor([[1, 2, 3]])
     cfg = SamplingConfig(max_new_tokens=15, temperature=1.5)
     streamed = []
-    a = generate(model, prompt, cfg, generator=torch.Generator().manual_seed(7), on_token=streamed.append)
-    b = generate(model, prompt, cfg, generator=torch.Generator().manual_seed(7))
-    c = generate(model, prompt, cfg, generator=torch.Generator().manual_seed(8))
+    a = generate(
+        model,
+        prompt,
+        cfg,
+        generator=torch.Generator().manual_seed(7),
+        on_token=streamed.append,
+        real_vocab_size=None,
+    )
+    b = generate(model, prompt, cfg, generator=torch.Generator().manual_seed(7), real_vocab_size=None)
+    c = generate(model, prompt, cfg, generator=torch.Generator().manual_seed(8), real_vocab_size=None)
     assert torch.equal(a, b) and not torch.equal(a, c)
     assert torch.cat(streamed).tolist() == a[0, 3:].tolist()
 
@@ -95,9 +109,11 @@ def test_seed_reproducibility_and_streaming_callback():
 def test_eos_stops_a_row_and_pads_it():
     model = tiny_model()
     prompt = torch.randint(0, 101, (2, 5), generator=torch.Generator().manual_seed(4))
-    free = generate(model, prompt, SamplingConfig(max_new_tokens=12, temperature=0.0))
+    free = generate(model, prompt, SamplingConfig(max_new_tokens=12, temperature=0.0), real_vocab_size=None)
     eos = int(free[0, 5 + 3])  # the 4th token row 0 produces
-    out = generate(model, prompt, SamplingConfig(max_new_tokens=12, temperature=0.0, eos_id=eos))
+    out = generate(
+        model, prompt, SamplingConfig(max_new_tokens=12, temperature=0.0, eos_id=eos), real_vocab_size=None
+    )
     stops = []
     for row in range(2):  # a row matches the free run up to its first eos, then repeats eos
         hits = (free[row, 5:] == eos).nonzero()
@@ -112,10 +128,10 @@ def test_eos_stops_a_row_and_pads_it():
 def test_bad_settings_fail_clearly_and_training_mode_is_restored():
     model = tiny_model().train()
     with pytest.raises(ConfigError, match="temperature"):
-        generate(model, torch.tensor([[1]]), SamplingConfig(temperature=-1.0))
+        generate(model, torch.tensor([[1]]), SamplingConfig(temperature=-1.0), real_vocab_size=None)
     with pytest.raises(ConfigError, match="top_p"):
-        generate(model, torch.tensor([[1]]), SamplingConfig(top_p=0.0))
+        generate(model, torch.tensor([[1]]), SamplingConfig(top_p=0.0), real_vocab_size=None)
     with pytest.raises(ValueError, match="prompt"):
-        generate(model, torch.zeros(1, 0, dtype=torch.long), SamplingConfig())
-    generate(model, torch.tensor([[1, 2]]), SamplingConfig(max_new_tokens=2))
+        generate(model, torch.zeros(1, 0, dtype=torch.long), SamplingConfig(), real_vocab_size=None)
+    generate(model, torch.tensor([[1, 2]]), SamplingConfig(max_new_tokens=2), real_vocab_size=None)
     assert model.training

@@ -122,11 +122,11 @@ def test_export_matches_transformers_logits_and_greedy_generation(arch, tmp_path
 
     prompt = random_tokens(1, 6, seed=1)
     greedy = SamplingConfig(max_new_tokens=20, temperature=0.0)
-    cached = generate(ours, prompt, greedy, use_cache=True)
+    cached = generate(ours, prompt, greedy, use_cache=True, real_vocab_size=None)
     with torch.no_grad():
         theirs = hf.generate(prompt, max_new_tokens=20, min_new_tokens=20, do_sample=False)
     assert torch.equal(cached, theirs)
-    assert torch.equal(cached, generate(ours, prompt, greedy, use_cache=False))
+    assert torch.equal(cached, generate(ours, prompt, greedy, use_cache=False, real_vocab_size=None))
 
 
 def test_rotary_row_permutation_is_exact_and_invertible():
@@ -294,7 +294,10 @@ def test_tools_checkpoint_to_hf_to_checkpoint_and_generate(tmp_path, tokenizer_f
     tok = load_tokenizer(tokenizer_file)
     prompt = "the quick"
     expected = generate(
-        ours, torch.tensor([tok.encode(prompt)]), SamplingConfig(max_new_tokens=12, temperature=0)
+        ours,
+        torch.tensor([tok.encode(prompt)]),
+        SamplingConfig(max_new_tokens=12, temperature=0),
+        real_vocab_size=tok.vocab_size,
     )
     expected_text = prompt + tok.decode(expected[0, len(tok.encode(prompt)) :].tolist())
     for source in (["--hf", str(tmp_path / "hf")], ["--checkpoint", str(tmp_path / "back")]):

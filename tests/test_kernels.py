@@ -287,6 +287,23 @@ def test_fused_cross_entropy_matches_plain(fake_flash):
     torch.testing.assert_close(grad, ref_grad)
 
 
+def test_fused_cross_entropy_masks_vocabulary_padding(fake_flash):
+    """Logits of 96 ids of which the tokenizer has 80: both losses equal the loss on the 80 alone."""
+    torch.manual_seed(0)
+    logits = torch.randn(2, 8, 96)
+    logits[..., 80:] += 5.0  # padding that would dominate the softmax if it were counted
+    logits.requires_grad_(True)
+    labels = torch.randint(0, 80, (2, 8))
+    real = language_model_loss(logits[..., :80], labels, z_loss=1e-2)[0]
+    for choice in (BackendChoice(cross_entropy="flash"), BackendChoice()):
+        total, _ = build_loss_fn(ParallelContext.single(), choice, real_vocab_size=80)(
+            logits, labels, z_loss=1e-2
+        )
+        torch.testing.assert_close(total, real)
+        (grad,) = torch.autograd.grad(total, logits)
+        assert not grad[..., 80:].any()
+
+
 @pytest.mark.parametrize("interleaved", [True, False])
 def test_fused_rotary_matches_torch(fake_flash, interleaved):
     from megatron_andromeda.models.rotary import RotaryEmbedding

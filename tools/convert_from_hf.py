@@ -8,6 +8,12 @@ The checkpoint holds the weights in fp32 and a run config (its config.json, YAML
 model section describes the imported architecture; `--config` supplies the other sections
 (optimizer, data, ...). `--tensor N --pipeline M` cuts the weights into one file per tensor x
 pipeline rank; any layout loads the checkpoint either way (the cut only saves ranks slicing).
+
+The vocabulary is padded with zero rows to `--vocab-size` (default: the Hugging Face vocabulary
+rounded up to a multiple of `--tensor`, which the tensor split needs). Give your training config's
+model.vocab_size to continue a run whose vocabulary was padded (an export drops the padding rows,
+see tools/convert_to_hf.py). Padding rows are never sampled or scored: the tokenizer's size says
+which ids are real.
 """
 
 from __future__ import annotations
@@ -20,6 +26,7 @@ from megatron_andromeda.checkpoint import write_model_checkpoint
 from megatron_andromeda.checkpoint.reshard import relayout_config
 from megatron_andromeda.config import ConfigError, ModelConfig, RunConfig, load_config
 from megatron_andromeda.hf import ConversionError, load_hf_directory, run_config_for
+from megatron_andromeda.models.vocab import resize_vocabulary
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -33,6 +40,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--tensor", type=int, default=1, help="tensor-parallel degree of the written checkpoint")
     p.add_argument(
         "--pipeline", type=int, default=1, help="pipeline-parallel degree of the written checkpoint"
+    )
+    p.add_argument(
+        "--vocab-size",
+        type=int,
+        help="pad the vocabulary to this many rows, e.g. the training config's model.vocab_size "
+        "(default: the Hugging Face vocab_size rounded up to a multiple of --tensor)",
     )
     return p.parse_args(argv)
 
@@ -48,6 +61,20 @@ def check_layout(tensor: int, pipeline: int, model: ModelConfig | None = None) -
             raise ConversionError(f"--tensor {tensor} --pipeline {pipeline}: {e}") from e
 
 
+def pad_vocabulary(
+    cfg: ModelConfig, state: dict, vocab_size: int | None, tensor: int
+) -> tuple[ModelConfig, dict]:
+    """(cfg, state) padded with zero rows to `vocab_size`, or to the next multiple of `tensor`."""
+    if vocab_size is None:
+        vocab_size = -(-cfg.vocab_size // tensor) * tensor
+    if vocab_size < cfg.vocab_size:
+        raise ConversionError(
+            f"--vocab-size {vocab_size} is below the Hugging Face model's vocab_size={cfg.vocab_size}; "
+            "rows are only added, never dropped"
+        )
+    return resize_vocabulary(cfg, state, vocab_size)
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     try:
@@ -57,6 +84,8 @@ def main(argv: list[str] | None = None) -> int:
             hf_dir / "tokenizer.json" if (hf_dir / "tokenizer.json").is_file() else None
         )
         model_cfg, state = load_hf_directory(hf_dir)
+        hf_vocab = model_cfg.vocab_size
+        model_cfg, state = pad_vocabulary(model_cfg, state, args.vocab_size, args.tensor)
         check_layout(args.tensor, args.pipeline, model_cfg)
         base = load_config(args.config) if args.config else None
         run_cfg = run_config_for(model_cfg, tokenizer, base)
@@ -66,6 +95,8 @@ def main(argv: list[str] | None = None) -> int:
     except (ConversionError, ConfigError, OSError) as e:
         print(f"convert_from_hf: error: {e}", file=sys.stderr)
         return 2
+    if model_cfg.vocab_size > hf_vocab:
+        print(f"padded the vocabulary from {hf_vocab} to {model_cfg.vocab_size} rows (zeros; never sampled)")
     if tokenizer is None:
         print("note: no tokenizer.json in --hf and no --tokenizer given; data.tokenizer is left empty")
     params = sum(t.numel() for t in state.values())

@@ -6,6 +6,9 @@
 `--checkpoint` is a checkpoint directory or a save root (its `latest` is used). The output loads
 with `transformers.AutoModelForCausalLM.from_pretrained(output)`; the architecture (Cohere,
 StableLM, Llama or MPT) follows from the model config, see `megatron_andromeda/hf/convert.py`.
+The exported vocabulary is the tokenizer's: padding rows (model.vocab_size above the tokenizer's
+size) are dropped, so the Hugging Face model scores and samples as training did. Without a
+tokenizer nothing tells padding from real ids, and every row is exported.
 """
 
 from __future__ import annotations
@@ -18,7 +21,9 @@ import torch
 
 from megatron_andromeda.checkpoint import CheckpointError
 from megatron_andromeda.config import ConfigError
+from megatron_andromeda.data.tokenizer import load_tokenizer
 from megatron_andromeda.hf import ConversionError, hf_model_type, read_checkpoint, save_hf_directory
+from megatron_andromeda.models.vocab import VOCAB_ROWS
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -49,7 +54,8 @@ def pick_tokenizer(explicit: str | None, recorded: str) -> str | None:
     else:
         return recorded
     print(
-        f"note: the checkpoint {reason}; writing no tokenizer files. Pass --tokenizer PATH (a tokenizer.json)"
+        f"note: the checkpoint {reason}; writing no tokenizer files and keeping every vocabulary row "
+        "(padding rows too, which Hugging Face would then sample). Pass --tokenizer PATH (a tokenizer.json)"
     )
     return None
 
@@ -71,7 +77,13 @@ def main(argv: list[str] | None = None) -> int:
     except (ConversionError, ConfigError, CheckpointError, OSError) as e:
         print(f"convert_to_hf: error: {e}", file=sys.stderr)
         return 2
+    model_vocab = run_cfg.model.vocab_size
+    dropped = model_vocab - (load_tokenizer(tokenizer).vocab_size if tokenizer else model_vocab)
+    if dropped:
+        print(f"dropped {dropped} padding rows: the export's vocab_size is the tokenizer's "
+              f"{model_vocab - dropped} (model.vocab_size={model_vocab})")  # fmt: skip
     params = sum(t.numel() for t in state.values())
+    params -= dropped * sum(state[name].shape[1] for name in VOCAB_ROWS if name in state)
     print(f"wrote a {hf_model_type(run_cfg.model)} model ({params:,} parameters) to {output}")
     return 0
 

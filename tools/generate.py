@@ -6,7 +6,10 @@
     python tools/generate.py --hf hf/x --prompt "Once" --top-k 50 --top-p 0.9 --seed 7
 
 Both sources run on our own GPTModel with its KV cache (a Hugging Face directory is converted in
-memory first), so the two paths produce the same tokens for the same weights.
+memory first), so the two paths produce the same tokens for the same weights. Only ids of the
+tokenizer are sampled: rows the model has beyond the tokenizer's vocabulary (padding added for
+tensor parallelism) are masked out. Without a tokenizer (`--prompt-ids` alone) that cannot be known,
+and every id of the model may come out.
 """
 
 from __future__ import annotations
@@ -23,6 +26,7 @@ from megatron_andromeda.data.tokenizer import Tokenizer, load_tokenizer
 from megatron_andromeda.generation import SamplingConfig, generate
 from megatron_andromeda.hf import ConversionError, load_hf_directory, read_checkpoint
 from megatron_andromeda.models import GPTModel
+from megatron_andromeda.models.vocab import check_real_vocab_size
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -88,11 +92,11 @@ def main(argv: list[str] | None = None) -> int:
         tokenizer = load_tokenizer(tokenizer_path) if tokenizer_path else None
         if args.prompt is not None and tokenizer is None:
             raise ConfigError("--prompt needs a tokenizer: pass --tokenizer PATH, or give --prompt-ids")
+        real_vocab_size = _real_vocab_size(tokenizer, model.cfg.vocab_size)
         ids = tokenizer.encode(args.prompt) if args.prompt is not None else _parse_ids(args.prompt_ids)
-        if not ids or max(ids) >= model.cfg.vocab_size or min(ids) < 0:
-            raise ConfigError(
-                f"the prompt must be 1+ token ids in [0, {model.cfg.vocab_size}), got {ids[:8]}"
-            )
+        limit = real_vocab_size or model.cfg.vocab_size
+        if not ids or max(ids) >= limit or min(ids) < 0:
+            raise ConfigError(f"the prompt must be 1+ token ids in [0, {limit}), got {ids[:8]}")
         eos = None if args.ignore_eos or tokenizer is None else _eod(tokenizer)
         sampling = SamplingConfig(
             args.max_new_tokens, args.temperature, args.top_k, args.top_p, eos
@@ -105,7 +109,8 @@ def main(argv: list[str] | None = None) -> int:
     print(args.prompt if args.prompt is not None else args.prompt_ids + " ", end="", flush=True)
     prompt = torch.tensor([ids], dtype=torch.long, device=device)
     stream = TextStream(tokenizer)
-    generate(model, prompt, sampling, generator=generator, use_cache=not args.no_cache, on_token=stream)
+    generate(model, prompt, sampling, real_vocab_size=real_vocab_size, generator=generator,
+             use_cache=not args.no_cache, on_token=stream)  # fmt: skip
     print()
     return 0
 
@@ -114,6 +119,19 @@ def _device(choice: str) -> torch.device:
     if choice == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     return torch.device(choice)
+
+
+def _real_vocab_size(tokenizer: Tokenizer | None, model_vocab_size: int) -> int | None:
+    """The tokenizer's vocabulary size (ids above it are padding, never sampled); None without one."""
+    if tokenizer is None:
+        print(
+            f"note: no tokenizer, so padding ids cannot be told apart: all {model_vocab_size} ids of the "
+            "model may be sampled; pass --tokenizer to sample the tokenizer's ids only",
+            file=sys.stderr,
+        )
+        return None
+    check_real_vocab_size(tokenizer.vocab_size, model_vocab_size, f"tokenizer {tokenizer.path}")
+    return tokenizer.vocab_size
 
 
 def _parse_ids(text: str) -> list[int]:

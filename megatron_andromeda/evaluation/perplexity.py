@@ -79,7 +79,12 @@ def dataset_loss(em: EvalModel, dataset: Any, max_samples: int | None = None) ->
     for start in range(0, n, em.batch_size):
         samples = [dataset[i] for i in range(start, min(start + em.batch_size, n))]
         batch = {k: torch.stack([s[k] for s in samples]).to(em.device) for k in samples[0]}
-        logits = em.model(
+        if int(batch["labels"].max()) >= em.real_vocab_size:
+            raise ValueError(
+                f"token id {int(batch['labels'].max())} is not one of the tokenizer's {em.real_vocab_size} "
+                "ids; was the dataset made with another tokenizer?"
+            )
+        logits = em.logits(
             batch["tokens"], position_ids=batch.get("position_ids"), segment_ids=batch.get("segment_ids")
         )
         ce = F.cross_entropy(logits.float().flatten(0, 1), batch["labels"].flatten(), reduction="none")
@@ -105,9 +110,12 @@ def prefix_perplexity(
     if dataset_exists(text_prefix) and dataset_exists(mask_prefix):
         dataset = SFTDataset(text_prefix, seq_length, pad_id=em.tokenizer.eod_id, shuffle=False)
         max_samples = None if max_tokens is None else -(-max_tokens // seq_length)
-        total, count = dataset_loss(em, dataset, max_samples)
     else:
-        total, count = dataset_loss(em, StreamWindows(prefix, seq_length, max_tokens))
+        dataset, max_samples = StreamWindows(prefix, seq_length, max_tokens), None
+    try:
+        total, count = dataset_loss(em, dataset, max_samples)
+    except ValueError as e:
+        raise ValueError(f"{prefix}: {e}") from e
     if count == 0:
         raise ValueError(f"{prefix}: no tokens to score (the dataset is empty)")
     source, split = source_and_split(prefix)

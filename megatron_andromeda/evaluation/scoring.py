@@ -4,6 +4,10 @@
 lm-evaluation-harness adapter: the summed log-probability of a continuation given a context, and
 whether greedy decoding would have produced it. Requests are batched longest first and right-padded;
 padding on the right never changes a causal model's earlier positions.
+
+Every evaluation reads logits through `EvalModel.logits`, which gives the vocabulary padding (ids
+the model has rows for but the tokenizer does not, models/vocab.py) probability zero, as training
+did: a checkpoint padded to 1,024 ids scores exactly like the same weights unpadded at 1,000.
 """
 
 from __future__ import annotations
@@ -19,12 +23,17 @@ from megatron_andromeda.checkpoint import read_model_state
 from megatron_andromeda.config import RunConfig
 from megatron_andromeda.data.tokenizer import Tokenizer, load_tokenizer
 from megatron_andromeda.generation import SamplingConfig, generate
-from megatron_andromeda.models import GPTModel
+from megatron_andromeda.models import GPTModel, mask_padding_logits
+from megatron_andromeda.models.vocab import check_real_vocab_size
 
 
 @dataclass
 class EvalModel:
-    """A model ready for evaluation with its tokenizer and the longest sequence it can read."""
+    """A model ready for evaluation with its tokenizer and the longest sequence it can read.
+
+    The tokenizer is required because it owns the real vocabulary size: call `logits` (never
+    `model` directly) and pass `real_vocab_size` to `generate`, so padding ids stay out.
+    """
 
     model: nn.Module
     tokenizer: Tokenizer
@@ -32,6 +41,21 @@ class EvalModel:
     max_length: int
     batch_size: int = 8
     config: RunConfig | None = None
+
+    def __post_init__(self) -> None:
+        model_cfg = getattr(self.model, "cfg", None)
+        if model_cfg is not None:
+            check_real_vocab_size(
+                self.real_vocab_size, model_cfg.vocab_size, f"tokenizer {self.tokenizer.path}"
+            )
+
+    @property
+    def real_vocab_size(self) -> int:
+        return self.tokenizer.vocab_size
+
+    def logits(self, tokens: torch.Tensor, **kwargs) -> torch.Tensor:
+        """The model's logits (B, T, V) with the padding ids at -inf (probability zero)."""
+        return mask_padding_logits(self.model(tokens, **kwargs), self.real_vocab_size)
 
     @classmethod
     def from_model(cls, model: GPTModel, tokenizer: Tokenizer, batch_size: int = 8) -> EvalModel:
@@ -104,7 +128,7 @@ def continuation_logprobs(
         inputs = torch.zeros(len(chunk), width, dtype=torch.long)
         for row, (_, full, _) in enumerate(chunk):
             inputs[row, : len(full) - 1] = torch.tensor(full[:-1])
-        logits = em.model(inputs.to(em.device))  # (B, width, V)
+        logits = em.logits(inputs.to(em.device))  # (B, width, V)
         for row, (i, full, n) in enumerate(chunk):
             end = len(full) - 1
             logp = F.log_softmax(logits[row, end - n : end].float(), dim=-1)  # (n, V)
@@ -123,7 +147,8 @@ def greedy_until(em: EvalModel, context: str | list[int], until: Sequence[str], 
     max_new_tokens = min(max_new_tokens, em.max_length - 1)
     prompt = prompt[-(em.max_length - max_new_tokens) :]
     cfg = SamplingConfig(max_new_tokens=max_new_tokens, temperature=0.0, eos_id=tok.eod_id)
-    out = generate(em.model, torch.tensor([prompt], device=em.device), cfg)[0, len(prompt) :].tolist()
+    prompt_ids = torch.tensor([prompt], device=em.device)
+    out = generate(em.model, prompt_ids, cfg, real_vocab_size=em.real_vocab_size)[0, len(prompt) :].tolist()
     if tok.eod_id in out:
         out = out[: out.index(tok.eod_id)]
     text = tok.decode(out)

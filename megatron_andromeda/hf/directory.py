@@ -4,6 +4,12 @@ An exported directory holds what `AutoModelForCausalLM.from_pretrained` and `Aut
 `config.json`, `model.safetensors` (or shards plus `model.safetensors.index.json`), the tokenizer
 files and `generation_config.json`, all written through transformers' and huggingface_hub's own
 writers.
+
+With a tokenizer, the export holds exactly the tokenizer's vocabulary: rows the model has beyond it
+(padding for tensor parallelism, see models/vocab.py) are dropped, so `config.json`'s vocab_size is
+the tokenizer's, transformers can never produce a padding id, and its softmax (perplexity,
+sampling) is the one training computed. Reading a directory back gives that unpadded model;
+tools/convert_from_hf.py pads it again to what a layout needs (`resize_vocabulary`).
 """
 
 from __future__ import annotations
@@ -18,7 +24,9 @@ from pathlib import Path
 import torch
 
 from megatron_andromeda.config import ModelConfig, RunConfig
+from megatron_andromeda.data.tokenizer import HFTokenizer, Tokenizer, load_tokenizer
 from megatron_andromeda.hf.convert import ConversionError, StateDict, TokenIds, from_hf, to_hf
+from megatron_andromeda.models.vocab import resize_vocabulary
 
 log = logging.getLogger(__name__)
 
@@ -36,8 +44,10 @@ def save_hf_directory(
 ) -> Path:
     """Write a directory that `AutoModelForCausalLM.from_pretrained` loads (see the module docstring).
 
-    Everything is written under a temporary name and renamed into place at the end, so an
-    interrupted export never leaves a directory that looks complete.
+    With a `tokenizer`, the vocabulary is cut to the tokenizer's ids (the padding rows are dropped);
+    without one it is exported as it is, padding included. Everything is written under a temporary
+    name and renamed into place at the end, so an interrupted export never leaves a directory that
+    looks complete.
     """
     from huggingface_hub import save_torch_state_dict
     from transformers import GenerationConfig
@@ -51,7 +61,11 @@ def save_hf_directory(
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
     try:
-        tokens = save_tokenizer(tokenizer, tmp, cfg) if tokenizer else TokenIds()
+        tokens = TokenIds()
+        if tokenizer:
+            ours = load_tokenizer(tokenizer)
+            tokens = save_tokenizer(ours, tmp, cfg)
+            cfg, state_dict = resize_vocabulary(cfg, state_dict, ours.vocab_size)  # drop the padding
         hf_config, hf_sd = to_hf(cfg, state_dict, tokens)
         if dtype is not None:
             hf_sd = {k: v.to(dtype) if v.is_floating_point() else v for k, v in hf_sd.items()}
@@ -68,15 +82,12 @@ def save_hf_directory(
     return output
 
 
-def save_tokenizer(tokenizer: str | os.PathLike, directory: Path, cfg: ModelConfig) -> TokenIds:
+def save_tokenizer(ours: Tokenizer, directory: Path, cfg: ModelConfig) -> TokenIds:
     """Write a `tokenizer.json` as a transformers fast tokenizer with eos/pad set; returns their ids."""
     from transformers import PreTrainedTokenizerFast
 
-    from megatron_andromeda.data.tokenizer import HFTokenizer, load_tokenizer
-
-    ours = load_tokenizer(tokenizer)
     if not isinstance(ours, HFTokenizer):
-        raise ConversionError(f"tokenizer {tokenizer} is SentencePiece; only tokenizer.json files export")
+        raise ConversionError(f"tokenizer {ours.path} is SentencePiece; only tokenizer.json files export")
     if ours.vocab_size > cfg.vocab_size:
         raise ConversionError(
             f"tokenizer {ours.path} has {ours.vocab_size} ids but model.vocab_size={cfg.vocab_size}: "

@@ -20,6 +20,7 @@ from megatron_andromeda.models.attention import AttentionInputs, KVCache, alibi_
 from megatron_andromeda.models.config import ModelConfig
 from megatron_andromeda.models.layers import make_block, make_norm
 from megatron_andromeda.models.rotary import RotaryEmbedding
+from megatron_andromeda.models.vocab import mask_padding_logits
 
 
 class GPTModel(nn.Module):
@@ -146,18 +147,6 @@ def _stable_hash(name: str) -> int:
     return int.from_bytes(hashlib.blake2b(name.encode(), digest_size=4).digest(), "little") >> 1
 
 
-def mask_padding_logits(logits: torch.Tensor, real_vocab_size: int | None) -> torch.Tensor:
-    """Logits with the padding ids (>= real_vocab_size) at -inf: they are not part of the vocabulary.
-
-    `model.vocab_size` may be padded above the tokenizer's vocabulary (GEMM-friendly shards); every
-    consumer of logits (loss, evaluation, sampling) must treat those ids as absent.
-    """
-    if real_vocab_size is None or real_vocab_size >= logits.shape[-1]:
-        return logits
-    padding = torch.arange(logits.shape[-1], device=logits.device) >= real_vocab_size
-    return logits.masked_fill(padding, float("-inf"))
-
-
 def language_model_loss(
     logits: torch.Tensor,
     labels: torch.Tensor,
@@ -168,8 +157,9 @@ def language_model_loss(
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """Mean cross-entropy over unmasked tokens, plus PaLM's z-loss; computed in fp32.
 
-    Padding ids (>= real_vocab_size) are excluded from the softmax and the z-loss's logsumexp.
-    Returns the loss to backpropagate and detached parts for logging (`lm_loss`, `z_loss`).
+    Ids >= `real_vocab_size` (vocabulary padding, see models/vocab.py) get probability zero, in the
+    cross-entropy and in the z-loss's logsumexp. Returns the loss to backpropagate and detached
+    parts for logging (`lm_loss`, `z_loss`).
     """
     flat = mask_padding_logits(logits.float(), real_vocab_size).reshape(-1, logits.shape[-1])
     ce = F.cross_entropy(flat, labels.reshape(-1), reduction="none")

@@ -31,6 +31,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from megatron_andromeda.models.vocab import mask_padding_logits
 from megatron_andromeda.parallel.mappings import (
     Group,
     all_reduce_,
@@ -161,9 +162,7 @@ class _VocabParallelCrossEntropy(torch.autograd.Function):
         # logits: (N, V/tp) fp32, target: (N,) global ids
         n_local = logits.shape[-1]
         start = group_rank(group) * n_local
-        if real_vocab_size is not None and start + n_local > real_vocab_size:
-            padding = torch.arange(start, start + n_local, device=logits.device) >= real_vocab_size
-            logits = logits.masked_fill(padding, float("-inf"))
+        logits = mask_padding_logits(logits, real_vocab_size, first_id=start)
         logits_max = all_reduce_(logits.max(dim=-1).values, group, op="max")  # (N,)
         shifted = logits - logits_max[:, None]
         local_target = target - start
