@@ -192,6 +192,8 @@ class DataConfig:
     eod_mask_loss: bool = False  # no loss on predicting the token after an end-of-document
     cache_dir: str = ""  # where index caches go; default: beside the dataset
     num_workers: int = 0
+    # Train on datasets whose sidecar records another tokenizer (sha256 or vocabulary size differ).
+    allow_tokenizer_mismatch: bool = False
 
     def validate(self) -> None:
         _check_positive("data.seq_length", self.seq_length)

@@ -28,7 +28,8 @@ from megatron_andromeda.backends import (
 )
 from megatron_andromeda.checkpoint import Placement, load_model_weights
 from megatron_andromeda.config import ConfigError, DataConfig, RunConfig, load_config, save_resolved_config
-from megatron_andromeda.data.builder import build_datasets, parse_blend
+from megatron_andromeda.data.builder import build_datasets, check_training_data, parse_blend
+from megatron_andromeda.data.indexed_dataset import DatasetError
 from megatron_andromeda.data.recipe import resolve_data_config
 from megatron_andromeda.models import GPTModel
 from megatron_andromeda.parallel import ParallelContext, init_parallel, make_loss_fn, validate_layout
@@ -63,14 +64,19 @@ def main(argv: list[str] | None = None) -> TrainState:
         cfg = load_config(args.config, args.overrides)
     except ConfigError as err:
         sys.exit(f"config error: {err}")
-    return run(cfg)
+    try:
+        return run(cfg)
+    except DatasetError as err:  # a dataset unfit for this run: the message says which and why
+        sys.exit(f"data error: {err}")
 
 
 def run(cfg: RunConfig) -> TrainState:
     """Train with a validated config (every stage in order, for a multi-stage run)."""
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
     layout = validate_layout(cfg.parallel, cfg.model, world_size, cfg.data.seq_length)
-    check_pipeline_config(cfg, layout.dp)  # both before any process group exists
+    check_pipeline_config(cfg, layout.dp)  # these before any process group exists
+    plans = plan_stages(cfg) if cfg.stages else []
+    check_training_data([p.config for p in plans] or [cfg], [p.label for p in plans])
     ctx = init_parallel(cfg)
     try:
         if not cfg.stages:
