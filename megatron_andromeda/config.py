@@ -124,6 +124,9 @@ class DataConfig:
     reset_attention_mask: bool = option(False, "no attention across end-of-document tokens")
     eod_mask_loss: bool = option(False, "no loss on predicting the token after an end-of-document")
     cache_dir: str = option("", "where index caches go; default beside the dataset")
+    allow_tokenizer_mismatch: bool = option(
+        False, "train on datasets whose sidecar records another tokenizer (sha256 or vocabulary size)"
+    )
 
     def validate(self) -> None:
         check_fields(self, "data")

@@ -28,7 +28,7 @@ from megatron_andromeda.config import (
     load_config,
     save_resolved_config,
 )
-from megatron_andromeda.data.builder import build_datasets, parse_blend
+from megatron_andromeda.data.builder import build_datasets, check_training_data, parse_blend
 from megatron_andromeda.data.recipe import resolve_data_config
 from megatron_andromeda.errors import TRACEBACK_ENV, ConfigError, report_user_errors
 from megatron_andromeda.kernels import BackendChoice, fp8_context, select_backends
@@ -79,15 +79,17 @@ def main(argv: list[str] | None = None) -> TrainState:
 def run(cfg: RunConfig) -> TrainState:
     """Train with a validated config (every stage in order, for a multi-stage run)."""
     layout = plan_layout(cfg, world_size_from_env())  # every layout rule, before any process group
+    plans = plan_stages(cfg) if cfg.stages else []
+    check_training_data([p.config for p in plans] or [cfg], [p.label for p in plans])  # files, once
     if int(os.environ.get("RANK", "0")) == 0:
         for warning in cfg.warnings():
             print(f"warning: {warning}", file=sys.stderr, flush=True)
     ctx = init_parallel(cfg, layout)
     try:
-        if not cfg.stages:
+        if not plans:
             return run_stage(cfg, ctx)
         state = TrainState()
-        for plan in plan_stages(cfg):
+        for plan in plans:
             if ctx.rank == 0:
                 print(f"=== stage {plan.label}: {plan.config.train.steps} steps", flush=True)
             state = run_stage(plan.config, ctx, plan.stage.freeze, plan.lr_step_offset, plan.lr_total_steps)

@@ -8,7 +8,9 @@
 Tasks are JSONL files, named after the file or `NAME=PATH`: multiple choice (our
 {"context", "choices", "label"} or PIQA / HellaSwag / ARC / BoolQ records) or generation
 ({"context", "answers"}). `--valid-data` prefixes get perplexity per source and split (a chat
-dataset from tools/preprocess_chat.py is scored on its assistant replies). Nothing is downloaded.
+dataset from tools/preprocess_chat.py is scored on its assistant replies). A dataset whose sidecar
+records another tokenizer than the checkpoint's (or --tokenizer) is refused unless
+--allow-tokenizer-mismatch. Nothing is downloaded.
 Writes OUTPUT.json (metrics and every prediction) and OUTPUT.md, and prints the table.
 """
 
@@ -41,6 +43,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--chat", action="store_true", help="ask generation tasks through the chat template")
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--device", default="auto", help="auto, cpu or cuda")
+    p.add_argument(
+        "--allow-tokenizer-mismatch",
+        action="store_true",
+        help="score --valid-data whose sidecar records another tokenizer (a warning instead of an error)",
+    )
     p.add_argument("--output", default=None, help="write OUTPUT.json and OUTPUT.md (default: print only)")
     return p.parse_args(argv)
 
@@ -69,6 +76,7 @@ def main(argv: list[str] | None = None) -> int:
             args.limit,
             args.max_new_tokens,
             args.chat,
+            args.allow_tokenizer_mismatch,
         )
     except (TaskError, DatasetError, CheckpointError, FileNotFoundError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)

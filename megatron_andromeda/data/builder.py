@@ -4,28 +4,27 @@ A blend list is `["prefix"]`, `["0.7", "prefixA", "0.3", "prefixB"]` (weight, pr
 `["prefixA", "prefixB"]` (equal weights); a stage recipe (`data.recipe`, see recipe.py) expands to
 such lists. Every prefix is checked before any index is built: the
 files exist, their structure is sound, and the largest token id fits `model.vocab_size`.
+`check_training_data` runs the tokenizer checks of checks.py on every dataset of every stage,
+before any process group exists.
 """
 
 from __future__ import annotations
 
 import os
+from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
 import torch
 import torch.distributed as dist
 
-from megatron_andromeda.config import ConfigError, DataConfig
+from megatron_andromeda.config import ConfigError, DataConfig, RunConfig
 from megatron_andromeda.data.blended_dataset import BlendedDataset, samples_needed
+from megatron_andromeda.data.checks import DataUse, check_datasets, default_cache_dir, token_range
 from megatron_andromeda.data.gpt_dataset import GPTDataset
-from megatron_andromeda.data.indexed_dataset import (
-    DatasetError,
-    IndexedDataset,
-    dataset_exists,
-    validate_indexed_dataset,
-)
+from megatron_andromeda.data.indexed_dataset import DatasetError, IndexedDataset, dataset_exists
 from megatron_andromeda.data.recipe import resolve_data_config
-from megatron_andromeda.data.tokenizer import Tokenizer
+from megatron_andromeda.data.tokenizer import Tokenizer, load_tokenizer
 from megatron_andromeda.sft.dataset import SFTDataset, sft_prefixes
 
 SPLITS = ("train", "valid", "test")
@@ -60,20 +59,60 @@ def parse_blend(entries: list[str], field: str) -> list[tuple[float, str]]:
     return pairs
 
 
-def open_checked(prefix: str, vocab_size: int, field: str) -> IndexedDataset:
-    """Open a dataset after checking it exists and that its token ids fit the model's vocabulary."""
+def open_checked(prefix: str, vocab_size: int, field: str, cache_dir: str = "") -> IndexedDataset:
+    """Open a dataset after checking it exists and that its token ids fit the model's vocabulary
+    (the largest id from the sidecar or the token-range cache when they know it, else a scan)."""
     if not dataset_exists(prefix):
         raise DatasetError(
             f"{field}: dataset {prefix!r} not found ({prefix}.bin and {prefix}.idx); "
             "create it with tools/preprocess_data.py"
         )
-    summary = validate_indexed_dataset(prefix, vocab_size=None, check_tokens=True)
-    if summary.max_token_id is not None and summary.max_token_id >= vocab_size:
+    dataset = IndexedDataset(prefix)
+    found = token_range(dataset, cache_dir or None)
+    if found is not None and found.min_id < 0:
+        raise DatasetError(f"{prefix}.bin: negative token ids; the dataset is corrupt")
+    if found is not None and found.max_id >= vocab_size:
         raise DatasetError(
-            f"{prefix}.bin: largest token id {summary.max_token_id} does not fit model.vocab_size="
+            f"{prefix}.bin: largest token id {found.max_id} does not fit model.vocab_size="
             f"{vocab_size}; raise model.vocab_size above it or re-tokenize with the model's tokenizer"
         )
-    return IndexedDataset(prefix)
+    return dataset
+
+
+def check_training_data(configs: Sequence[RunConfig], stage_labels: Sequence[str] = ()) -> None:
+    """Check every dataset that a run (or each of its stages, one config each) will read against
+    the run's tokenizer: same tokenizer as the sidecar records (unless
+    data.allow_tokenizer_mismatch), token ids below its vocabulary, and no empty dataset that must
+    give samples; each error names the dataset (and its sidecar).
+
+    Called once per process before any process group exists. Only global rank 0 scans token ids
+    that neither a sidecar nor the cache records (then caches them): under torchrun the other ranks
+    are stopped when it fails, and they find its cache when they open the data.
+    """
+    scan = int(os.environ.get("RANK", "0")) == 0
+    tokenizers: dict[str, Tokenizer] = {}
+    for i, cfg in enumerate(configs):
+        where = f"stage {stage_labels[i]}: " if i < len(stage_labels) else ""
+        path = cfg.data.tokenizer
+        if not path or not os.path.isfile(path):
+            return  # the run's own input checks report a missing tokenizer
+        if path not in tokenizers:
+            tokenizers[path] = load_tokenizer(path)
+        data_cfg = resolve_data_config(cfg.data)
+        uses = [
+            DataUse(prefix, f"{where}data.train", weight > 0)
+            for weight, prefix in parse_blend(data_cfg.train, "data.train")
+        ]
+        if cfg.train.eval_batches > 0:
+            uses += [
+                DataUse(prefix, f"{where}data.valid", weight > 0)
+                for weight, prefix in parse_blend(data_cfg.valid, "data.valid")
+            ]
+        check_datasets(
+            uses, tokenizers[path], override="data.allow_tokenizer_mismatch=true",
+            allow_tokenizer_mismatch=cfg.data.allow_tokenizer_mismatch,
+            cache_dir=cfg.data.cache_dir or None, scan=scan,
+        )  # fmt: skip
 
 
 def build_datasets(
@@ -99,7 +138,7 @@ def build_datasets(
             continue
         for _, prefix in blend:
             if prefix not in opened:
-                opened[prefix] = open_checked(prefix, vocab_size, f"data.{split}")
+                opened[prefix] = open_checked(prefix, vocab_size, f"data.{split}", data_cfg.cache_dir)
         out.append(_build_split(data_cfg, tokenizer, split, blend, opened, n, seq_length, group))
     return tuple(out)
 
@@ -141,9 +180,7 @@ def _build_split(
             sources.append(SFTDataset(prefix, seq_length, pad_id, seed=data_cfg.seed, num_samples=int(n)))
             continue
         indexed = opened[prefix]
-        cache_dir = data_cfg.cache_dir or os.path.join(
-            os.path.dirname(os.path.abspath(prefix)), "index-cache"
-        )
+        cache_dir = data_cfg.cache_dir or default_cache_dir(prefix)
         sources.append(
             GPTDataset(
                 indexed,

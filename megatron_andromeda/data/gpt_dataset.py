@@ -28,7 +28,8 @@ import torch.distributed as dist
 
 from megatron_andromeda.data import _helpers
 from megatron_andromeda.data.index_helpers import build_sample_idx
-from megatron_andromeda.data.indexed_dataset import IndexedDataset
+from megatron_andromeda.data.indexed_dataset import DatasetError, IndexedDataset
+from megatron_andromeda.data.sidecar import find_sidecar
 
 INDEX_VERSION = 1  # bump when the way the arrays are built changes, to orphan old caches
 _ARRAYS = ("doc_idx", "sample_idx", "shuffle_idx")
@@ -109,6 +110,20 @@ def _fingerprint(array: np.ndarray) -> str:
     return hashlib.blake2b(np.ascontiguousarray(array).data, digest_size=16).hexdigest()
 
 
+def _describe_empty(indexed: IndexedDataset, doc_ids: np.ndarray) -> str:
+    """Which dataset has no tokens to offer, and what its preprocessing run kept."""
+    sidecar = find_sidecar(indexed.prefix)
+    origin = (
+        f"its sidecar {sidecar.path} says the run {sidecar.describe_documents()}"
+        if sidecar is not None
+        else "no preprocessing sidecar lists it"
+    )
+    return (
+        f"dataset {indexed.prefix} has no tokens in the {doc_ids.size} of its {len(indexed)} sequences "
+        f"selected ({indexed.prefix}.bin holds {indexed.num_tokens} tokens); {origin}"
+    )
+
+
 class GPTDataset(torch.utils.data.Dataset):
     """`num_samples` shuffled samples of `seq_length` tokens (+1 label token) from `doc_ids`.
 
@@ -141,6 +156,8 @@ class GPTDataset(torch.utils.data.Dataset):
         self.reset_position_ids, self.reset_attention_mask = reset_position_ids, reset_attention_mask
         self.eod_mask_loss = eod_mask_loss
         doc_ids = np.asarray(doc_ids, dtype=np.int32)
+        if num_samples and not indexed.sizes[doc_ids].sum(dtype=np.int64):
+            raise DatasetError(f"{name}: cannot cut samples: {_describe_empty(indexed, doc_ids)}")
         description = {
             "class": "GPTDataset",
             "version": INDEX_VERSION,

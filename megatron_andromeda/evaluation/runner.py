@@ -7,6 +7,8 @@ import os
 from collections.abc import Sequence
 from typing import Any
 
+from megatron_andromeda.data.checks import DataUse, check_datasets
+from megatron_andromeda.data.indexed_dataset import dataset_exists
 from megatron_andromeda.evaluation.generation_tasks import (
     is_generation_record,
     load_generation_task,
@@ -20,6 +22,7 @@ from megatron_andromeda.evaluation.multiple_choice import (
 )
 from megatron_andromeda.evaluation.perplexity import prefix_perplexity
 from megatron_andromeda.evaluation.scoring import EvalModel
+from megatron_andromeda.sft.dataset import sft_prefixes
 from megatron_andromeda.sft.formats import open_text
 
 
@@ -69,6 +72,22 @@ def run_task(
     return {"name": name, "kind": kind, "path": path, **metrics}
 
 
+def check_valid_data(
+    em: EvalModel, valid_data: Sequence[str], allow_tokenizer_mismatch: bool = False
+) -> None:
+    """The checks of data/checks.py on each `--valid-data` dataset (a chat dataset's token file)."""
+    uses = []
+    for spec in valid_data:
+        _, prefix = named(spec)
+        text_prefix, mask_prefix = sft_prefixes(prefix)
+        chat = dataset_exists(text_prefix) and dataset_exists(mask_prefix)
+        uses.append(DataUse(text_prefix if chat else prefix, "--valid-data"))
+    check_datasets(
+        uses, em.tokenizer, override="--allow-tokenizer-mismatch",
+        allow_tokenizer_mismatch=allow_tokenizer_mismatch,
+    )  # fmt: skip
+
+
 def evaluate(
     em: EvalModel,
     tasks: Sequence[str] = (),
@@ -78,8 +97,14 @@ def evaluate(
     limit: int | None = None,
     max_new_tokens: int = 32,
     chat: bool = False,
+    allow_tokenizer_mismatch: bool = False,
 ) -> dict[str, Any]:
-    """All results as one JSON-ready dict: `perplexity` rows and `tasks` rows."""
+    """All results as one JSON-ready dict: `perplexity` rows and `tasks` rows.
+
+    Every dataset is checked first (tokenizer recorded in its sidecar, token ids, not empty): scoring
+    data from another tokenizer gives numbers that look fine and mean nothing.
+    """
+    check_valid_data(em, valid_data, allow_tokenizer_mismatch)
     perplexity = []
     for spec in valid_data:
         name, prefix = named(spec)

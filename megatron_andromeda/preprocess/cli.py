@@ -7,6 +7,7 @@ import sys
 
 from megatron_andromeda.preprocess.cleaning import CleaningConfig
 from megatron_andromeda.preprocess.dedup import MinHasher
+from megatron_andromeda.preprocess.guards import empty_split_warnings
 from megatron_andromeda.preprocess.pipeline import PreprocessConfig, run
 from megatron_andromeda.preprocess.readers import InputError
 from megatron_andromeda.preprocess.report import summary_lines
@@ -17,6 +18,10 @@ outputs: PREFIX_{train,valid,test}_KEY_document.{bin,idx} (one dataset per split
 PREFIX_KEY_document with --no-split or a single non-zero split), with exact dedup a .digests file
 beside each (16 bytes per document: tools/merge_datasets.py deduplicates runs against each other
 with them), and the sidecar PREFIX.json, written last: a run is complete when its sidecar exists.
+A rerun into the same prefix replaces the earlier run's outputs only once its own are complete. An
+output that would overwrite an input is refused; globs skip sidecars and dataset files of runs. A
+truncated or damaged .gz/.zst input, or a run that keeps no document, fails (exit 2) and writes
+nothing; an empty split is written with a warning.
 
 cleaning options (--clean-set NAME=VALUE, 'none' switches a rule off): see CleaningConfig in
 megatron_andromeda/preprocess/cleaning.py, e.g. --clean-set min_alpha_words_ratio=none
@@ -132,4 +137,6 @@ def main(argv: list[str] | None = None) -> int:
     for line in summary_lines(report):
         print(line)
     print(f"sidecar: {config.sidecar_path()}")
+    for warning in empty_split_warnings(report, None if args.no_split else args.split):
+        print(warning, file=sys.stderr)
     return 0

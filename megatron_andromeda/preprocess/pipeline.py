@@ -5,6 +5,8 @@ consumes results strictly in input order, so the output is identical for any num
 memory stays bounded whatever the input size (the dedup state grows with the number of kept
 documents: 16 bytes plus one LSH key per band each). Outputs are written under temporary names and
 renamed only after every dataset is complete; the sidecar, written last, marks a finished run.
+A rerun into the same prefix leaves the earlier run's outputs alone until its own are complete, never
+writes over an input (guards.py), and fails when it kept no document.
 """
 
 from __future__ import annotations
@@ -30,6 +32,7 @@ from megatron_andromeda.preprocess.dedup import (
     digests_path,
     write_digests,
 )
+from megatron_andromeda.preprocess.guards import check_inputs_untouched, nothing_kept_message
 from megatron_andromeda.preprocess.processor import (
     ChunkProcessor,
     ChunkResult,
@@ -37,7 +40,7 @@ from megatron_andromeda.preprocess.processor import (
     init_worker,
     process_in_worker,
 )
-from megatron_andromeda.preprocess.readers import InputFile, expand_inputs, read_chunks
+from megatron_andromeda.preprocess.readers import InputError, InputFile, expand_inputs, read_chunks
 from megatron_andromeda.preprocess.report import (
     SIDECAR_VERSION,
     DropLog,
@@ -113,6 +116,7 @@ class _Outputs:
         self.writers: dict[tuple[int, int], IndexedDatasetWriter] = {}
         self.documents = collections.Counter()
         self.tokens = collections.Counter()
+        self.max_ids: dict[tuple[int, int], int] = {}
         # Exact-dedup digests of the written documents, per dataset, for cross-run dedup at merge time.
         self.digests: dict[tuple[int, int], list[bytes]] | None = {} if config.exact_dedup else None
         self.digest_files: dict[tuple[int, int], str] = {}
@@ -134,12 +138,22 @@ class _Outputs:
                     continue
                 chosen = np.flatnonzero(keep & (result.splits == split) if len(self.splits) > 1 else keep)
                 if chosen.size:
-                    writer.add_documents([tokens[offsets[i] : offsets[i + 1]] for i in chosen])
+                    documents = [tokens[offsets[i] : offsets[i + 1]] for i in chosen]
+                    writer.add_documents(documents)
+                    self._note_max_id((split, k), documents)
                     self.documents[(split, k)] += int(chosen.size)
                     self.tokens[(split, k)] += int(result.lengths[k][chosen].sum())
                     if self.digests is not None:
                         chunk_digests = b"".join(result.digests[i] for i in chosen)
                         self.digests.setdefault((split, k), []).append(chunk_digests)
+
+    def _note_max_id(self, where: tuple[int, int], documents: list[np.ndarray]) -> None:
+        """Largest token id per dataset, for the sidecar: training checks it against the tokenizer
+        without scanning the .bin."""
+        flat = np.concatenate(documents)
+        if flat.size:
+            top = int(flat.max())
+            self.max_ids[where] = max(self.max_ids.get(where, top), top)
 
     def finalize(self) -> None:
         for where, writer in self.writers.items():
@@ -165,6 +179,7 @@ class _Outputs:
                 "prefix": writer.prefix,
                 "documents": self.documents[(split, k)],
                 "tokens": self.tokens[(split, k)],
+                "max_token_id": self.max_ids.get((split, k)),
             }
             if (split, k) in self.digest_files:
                 out[name]["digests"] = self.digest_files[(split, k)]
@@ -222,8 +237,11 @@ class _Deduplicator:
 
 
 def _remove_previous_outputs(config: PreprocessConfig) -> None:
-    """A rerun into the same prefix first removes that prefix's sidecar and datasets: otherwise a rerun
-    interrupted between two dataset renames would leave a mix of old and new files."""
+    """A rerun into the same prefix removes that prefix's sidecar and datasets once its own are
+    complete, just before renaming them into place: otherwise a rerun interrupted between two
+    renames would leave a mix of old and new files. The sidecar goes first, so that from then on
+    the prefix is marked incomplete until the new sidecar is written. None of these paths is an
+    input (`check_inputs_untouched`)."""
     paths = [config.sidecar_path()]
     for split in config.split_names:
         for key in config.json_keys:
@@ -238,10 +256,10 @@ def run(config: PreprocessConfig) -> dict:
     """Run the whole pipeline; returns the sidecar contents (also written to `PREFIX.json`)."""
     start = time.perf_counter()
     files = expand_inputs(config.inputs)
+    check_inputs_untouched(config, files)  # before anything is written or removed
     tokenizer = load_tokenizer(config.tokenizer)
     dtype = IndexedDatasetWriter.best_dtype(tokenizer.vocab_size)
     eod = tokenizer.eod_id if config.append_eod else None  # fails now, naming the tokenizer, if it has none
-    _remove_previous_outputs(config)
     hasher = InputHasher(files)
     settings = ProcessorSettings(
         tokenizer_path=tokenizer.path, json_keys=config.json_keys, dtype=dtype.name,
@@ -263,6 +281,9 @@ def run(config: PreprocessConfig) -> dict:
                 last_log = time.perf_counter()
                 print(f"[preprocess] {read:,} documents, {sum(outputs.tokens.values()):,} tokens, "
                       f"{last_log - start:.0f} s", file=sys.stderr, flush=True)  # fmt: skip
+        if read == drops.total:
+            raise InputError(nothing_kept_message(config, files, read, drops))
+        _remove_previous_outputs(config)  # only now that the new outputs are complete
         outputs.finalize()
         report = _report(config, tokenizer, eod, dtype, hasher.result(), read, drops, outputs, start)
         write_json_atomic(config.sidecar_path(), report)

@@ -8,17 +8,17 @@ cheap and memory bounded by chunk size x chunks in flight, whatever the input si
 from __future__ import annotations
 
 import glob
-import gzip
 import hashlib
-import io
 import os
+import sys
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 
+from megatron_andromeda.data.compressed import InputStream, compression_of, open_compressed, stream_errors
+from megatron_andromeda.data.sidecar import read_sidecar_file
 from megatron_andromeda.errors import UserError
 
 JSONL_SUFFIXES = (".jsonl", ".json", ".ndjson")
-COMPRESSED_SUFFIXES = {".gz": "gzip", ".zst": "zstd", ".zstd": "zstd"}
 PARQUET_SUFFIXES = (".parquet", ".pq")
 HF_MARKERS = ("state.json", "dataset_info.json", "dataset_dict.json")
 
@@ -68,11 +68,9 @@ def _classify(path: str) -> InputFile:
             f"{path}: a directory that is not a saved Hugging Face dataset (no {' / '.join(HF_MARKERS)}); "
             "pass its files (or a glob such as 'dir/*.jsonl') instead"
         )
-    name = path.lower()
-    compression = None
-    for suffix, kind in COMPRESSED_SUFFIXES.items():
-        if name.endswith(suffix):
-            compression, name = kind, name[: -len(suffix)]
+    name, compression = path.lower(), compression_of(path)
+    if compression is not None:
+        name = os.path.splitext(name)[0]
     if name.endswith(PARQUET_SUFFIXES) and compression is None:
         return InputFile(path, "parquet")
     if name.endswith(JSONL_SUFFIXES) or compression is not None:
@@ -87,14 +85,40 @@ def _is_glob(pattern: str) -> bool:
     return any(c in pattern for c in "*?[")
 
 
+# Files a preprocessing or merge run writes beside its datasets: never a corpus.
+OUTPUT_SUFFIXES = (".bin", ".idx", ".digests", ".tmp")
+
+
+def _earlier_output(path: str) -> str | None:
+    """Why a glob match is an output of an earlier run (and so not an input), or None."""
+    if path.endswith(OUTPUT_SUFFIXES):
+        return "a dataset file"
+    if path.lower().endswith(".json") and read_sidecar_file(path) is not None:
+        return "the sidecar of a preprocessing run"
+    return None
+
+
 def expand_inputs(patterns: Sequence[str]) -> list[InputFile]:
-    """Files named by `patterns` (paths or globs), in the given order, each glob sorted, no repeats."""
+    """Files named by `patterns` (paths or globs), in the given order, each glob sorted, no repeats.
+
+    A glob never picks up the outputs of a run: sidecars (recognised by their content, not their
+    name) and dataset files are left out with a note on stderr. A path named explicitly that is a
+    sidecar is refused: it is the record of a run, not a corpus. (A corpus file that this run's
+    outputs would replace is refused later, by `guards.check_inputs_untouched`.)
+    """
     seen: set[str] = set()
     files: list[InputFile] = []
     for pattern in patterns:
         matches = sorted(glob.glob(pattern, recursive=True)) if _is_glob(pattern) else [pattern]
         if not matches or not os.path.exists(matches[0]):
             raise InputError(f"--input {pattern!r}: no such file (or the glob matched nothing)")
+        if _is_glob(pattern):
+            matches = _without_outputs(pattern, matches)
+        elif read_sidecar_file(pattern) is not None:
+            raise InputError(
+                f"--input {pattern}: the sidecar of a tools/preprocess_data.py run (its record, not a "
+                "corpus); leave it out of --input"
+            )
         for path in matches:
             real = os.path.realpath(path)
             if real not in seen:
@@ -103,6 +127,24 @@ def expand_inputs(patterns: Sequence[str]) -> list[InputFile]:
     if not files:
         raise InputError("--input: no input files given")
     return files
+
+
+def _without_outputs(pattern: str, matches: list[str]) -> list[str]:
+    """The glob's matches less the outputs of preprocessing runs, which one line on stderr lists."""
+    skipped = {path: why for path in matches if (why := _earlier_output(path)) is not None}
+    if not skipped:
+        return matches
+    shown = ", ".join(f"{path} ({why})" for path, why in list(skipped.items())[:4])
+    more = f" and {len(skipped) - 4} more" if len(skipped) > 4 else ""
+    print(f"[preprocess] --input {pattern!r}: skipping outputs of preprocessing runs: {shown}{more}",
+          file=sys.stderr)  # fmt: skip
+    kept = [path for path in matches if path not in skipped]
+    if not kept:
+        raise InputError(
+            f"--input {pattern!r}: matches only outputs of preprocessing runs ({shown}{more}); "
+            "point it at the corpus files"
+        )
+    return kept
 
 
 def file_sha256(path: str, block: int = 1 << 22) -> str:
@@ -120,29 +162,38 @@ def file_sha256(path: str, block: int = 1 << 22) -> str:
     return h.hexdigest()
 
 
-def _open_binary(spec: InputFile) -> io.BufferedIOBase:
-    raw = open(spec.path, "rb")  # noqa: SIM115 (closed by the wrapper / caller)
-    if spec.compression == "gzip":
-        return gzip.GzipFile(fileobj=raw, mode="rb")
-    if spec.compression == "zstd":
-        try:
-            import zstandard
-        except ImportError as e:
-            raw.close()
-            raise InputError(
-                f"{spec.path}: reading .zst needs the zstandard package: pip install zstandard"
-            ) from e
-        reader = zstandard.ZstdDecompressor().stream_reader(raw, closefd=True)
-        return io.BufferedReader(reader, buffer_size=1 << 20)
-    return raw
+def _open_binary(spec: InputFile) -> InputStream:
+    """The decompressed file; see data/compressed.py for why not zstandard's own stream reader."""
+    try:
+        return open_compressed(spec.path)
+    except ImportError as e:
+        message = f"{spec.path}: reading .zst needs the zstandard package: pip install zstandard"
+        raise InputError(message) from e
 
 
 def _jsonl_chunks(spec: InputFile, index: int, chunk_bytes: int) -> Iterator[RawChunk]:
+    """Raw lines in bounded chunks; a compressed file that ends early or is damaged is an error
+    naming the file and line, never a shorter corpus (its partial last line would read as one
+    malformed record and the run would look complete)."""
     line_no = 1
-    with _open_binary(spec) as f:
-        while lines := f.readlines(chunk_bytes):
+    source = _open_binary(spec)
+    with source.stream:
+        while True:
+            try:
+                lines = source.stream.readlines(chunk_bytes)
+            except stream_errors() as e:
+                raise InputError(source.describe_error(e)) from e
+            if not lines:
+                return
             yield RawChunk(index, line_no, lines=lines)
             line_no += len(lines)
+
+
+def open_records(spec: InputFile) -> Iterator[bytes]:
+    """The raw lines of a JSONL input, one at a time (for a look at its first records)."""
+    source = _open_binary(spec)
+    with source.stream:
+        yield from source.stream
 
 
 def _parquet_chunks(spec: InputFile, index: int, keys: Sequence[str], rows: int) -> Iterator[RawChunk]:
@@ -160,7 +211,15 @@ def _parquet_chunks(spec: InputFile, index: int, keys: Sequence[str], rows: int)
     missing = tuple(k for k in keys if k not in present)
     row = 1
     # Without any requested column, read the first one anyway: every row must still be reported.
-    for batch in pf.iter_batches(batch_size=rows, columns=present or pf.schema_arrow.names[:1]):
+    batches = pf.iter_batches(batch_size=rows, columns=present or pf.schema_arrow.names[:1])
+    while True:
+        try:
+            batch = next(batches, None)
+        except Exception as e:  # a damaged row group: ArrowInvalid, OSError, ...
+            message = f"{spec.path}: unreadable after row {row - 1:,} ({e}); the file is damaged"
+            raise InputError(message) from e
+        if batch is None:
+            return
         columns = {k: batch.column(k).to_pylist() for k in present}
         yield RawChunk(index, row, columns=columns, num_rows=batch.num_rows, missing_keys=missing)
         row += batch.num_rows
