@@ -26,7 +26,7 @@ from megatron_andromeda.backends import (
     loss_function,
     select_backends,
 )
-from megatron_andromeda.checkpoint import Placement, load_model_weights
+from megatron_andromeda.checkpoint import CheckpointError, Placement, load_model_weights
 from megatron_andromeda.config import ConfigError, DataConfig, RunConfig, load_config, save_resolved_config
 from megatron_andromeda.data.builder import build_datasets, parse_blend
 from megatron_andromeda.data.recipe import resolve_data_config
@@ -63,7 +63,10 @@ def main(argv: list[str] | None = None) -> TrainState:
         cfg = load_config(args.config, args.overrides)
     except ConfigError as err:
         sys.exit(f"config error: {err}")
-    return run(cfg)
+    try:
+        return run(cfg)
+    except CheckpointError as err:  # a damaged or untrusted checkpoint: say which file, no traceback
+        sys.exit(f"checkpoint error: {err}")
 
 
 def run(cfg: RunConfig) -> TrainState:

@@ -15,11 +15,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from megatron_andromeda.checkpoint import read_model_state
 from megatron_andromeda.config import RunConfig
 from megatron_andromeda.data.tokenizer import Tokenizer, load_tokenizer
 from megatron_andromeda.generation import SamplingConfig, generate
 from megatron_andromeda.models import GPTModel
-from megatron_andromeda.training.checkpoint import read_model_state
 
 
 @dataclass
