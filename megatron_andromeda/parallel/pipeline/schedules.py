@@ -146,12 +146,14 @@ def build_pipeline_schedule(
 
     `dtype` is that of the hidden states between stages: by default the parameters' dtype for
     `train.precision` (parallel/hooks.py casts the model to it). The watchdog defaults to one with
-    `parallel.comm_timeout_s` on the job's store.
+    `parallel.comm_timeout_s` on the job's store, stopped by `ctx.close()` (a caller's own
+    watchdog is the caller's to close).
     """
     pc = run_cfg.parallel
     check_pipeline_config(run_cfg, ctx.dp_size)
     if watchdog is None:
         watchdog = Watchdog.for_job(pc.comm_timeout_s)
+        ctx.on_close(watchdog.close)
     comm = PipelineComm(
         ctx.pp_group,
         [ctx.layout.rank_of(p, ctx.dp_rank, ctx.tp_rank) for p in range(ctx.pp_size)],
