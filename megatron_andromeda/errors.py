@@ -21,19 +21,23 @@ EXIT_USER_ERROR = 2
 class UserError(Exception):
     """An expected failure caused by the input; its message names the file / flag / field and the fix."""
 
+    label = "error"  # how a command line prefixes the message
+
 
 class ConfigError(UserError, ValueError):
     """A configuration that cannot run; the message names the field and what to do."""
 
+    label = "config error"
+
 
 @contextlib.contextmanager
-def report_user_errors(prefix: str = "error") -> Iterator[None]:
-    """Turn a UserError raised inside into `prefix: message` on stderr and exit code 2."""
+def report_user_errors() -> Iterator[None]:
+    """Turn a UserError raised inside into `<its label>: message` on stderr and exit code 2."""
     try:
         yield
     except UserError as err:
         if os.environ.get(TRACEBACK_ENV, "") not in ("", "0"):
             raise
         if int(os.environ.get("RANK", "0")) == 0:  # under torchrun every rank fails alike: say it once
-            print(f"{prefix}: {err}", file=sys.stderr, flush=True)
+            print(f"{err.label}: {err}", file=sys.stderr, flush=True)
         sys.exit(EXIT_USER_ERROR)

@@ -94,8 +94,11 @@ def run(cfg: RunConfig) -> TrainState:
                 print(f"=== stage {plan.label}: {plan.config.train.steps} steps", flush=True)
             state = run_stage(plan.config, ctx, plan.stage.freeze, plan.lr_step_offset, plan.lr_total_steps)
         return state
+    except BaseException:
+        ctx.close(clean=False)  # no barrier: peers stuck elsewhere would never reach it
+        raise
     finally:
-        ctx.close()
+        ctx.close()  # threads stopped, a barrier, the process groups destroyed once (a no-op if done)
 
 
 def run_stage(
@@ -124,16 +127,18 @@ def run_stage(
         lr_step_offset=lr_step_offset, lr_total_steps=lr_total_steps,
         step_context=lambda: fp8_context(parts.kernels),
     )  # fmt: skip
-    trainer.logger.print(f"kernels: {parts.kernels.describe()}")
-    resume_from = cfg.checkpoint.load_dir or cfg.checkpoint.save_dir
-    if not (resume_from and trainer.resume(resume_from)):
-        total = sum(p.numel() for p in parts.model.parameters())
-        trainer.logger.print(f"model {cfg.model.name}: {total:,} parameters on this rank"
-                             + (f", {parts.frozen:,} frozen" if parts.frozen else ""))  # fmt: skip
-    state = trainer.fit()
-    if ctx.rank == 0:
-        write_data_report(run_dir, data_cfg, train_data, state.consumed_samples, cfg.data.seq_length)
-    trainer.logger.close()
+    try:
+        trainer.logger.print(f"kernels: {parts.kernels.describe()}")
+        resume_from = cfg.checkpoint.load_dir or cfg.checkpoint.save_dir
+        if not (resume_from and trainer.resume(resume_from)):
+            total = sum(p.numel() for p in parts.model.parameters())
+            trainer.logger.print(f"model {cfg.model.name}: {total:,} parameters on this rank"
+                                 + (f", {parts.frozen:,} frozen" if parts.frozen else ""))  # fmt: skip
+        state = trainer.fit()
+        if ctx.rank == 0:
+            write_data_report(run_dir, data_cfg, train_data, state.consumed_samples, cfg.data.seq_length)
+    finally:
+        trainer.close()  # the background save (bounded wait) and the metric sinks, also on an error
     return state
 
 

@@ -254,7 +254,7 @@ def test_pickle_payloads_are_never_executed(tmp_path):
     data = evil.read_bytes()
     manifest["files"]["model.safetensors"] = {"size": len(data), "sha256": hashlib.sha256(data).hexdigest()}
     (path / "manifest.json").write_text(json.dumps(manifest))
-    with pytest.raises(ckpt.CheckpointError, match=r"model\.safetensors is not a readable safetensors"):
+    with pytest.raises(ckpt.CheckpointError, match=r"model\.safetensors is not a safetensors file"):
         ckpt.load_checkpoint(path, trainer.model, trainer.optimizer)
     assert not marker.exists()
 

@@ -49,8 +49,8 @@ def pick_tokenizer(explicit: str | None, recorded: str) -> str | None:
         reason = "names no tokenizer (data.tokenizer is empty)"
     elif recorded.endswith(".model"):
         reason = f"has a SentencePiece tokenizer ({recorded}), which does not export"
-    elif not Path(recorded).exists():
-        reason = f"names the tokenizer {recorded}, which is not on this machine"
+    elif not Path(recorded).is_file():  # a config from a checkpoint: never read a device or FIFO
+        reason = f"names the tokenizer {recorded}, which is not a file on this machine"
     else:
         return recorded
     print(

@@ -18,6 +18,14 @@ torch.distributed.checkpoint: its metadata file is a pickle, and its placements 
 cannot express our tensor-parallel layouts (a rank's fused qkv is three separate row ranges, and
 multi-query KV heads are replicated on some ranks only); global boxes express both.
 
+A checkpoint is untrusted input. Every name read from one (`latest`, manifest and metadata
+entries) must be relative and, symlinks resolved, stay inside its directory and name a regular file
+(storage.resolve_inside, the one place this rule lives; a symlink to another file of the same
+checkpoint is followed, one leading out is refused). Files are hashed and read only up to the size
+the manifest gives; safetensors headers are checked against the file (a pickle or a truncated file
+is named as such); the pieces of every tensor must tile it exactly once (slices.check_tiling). All
+of it is checked before any weight is used; failures are CheckpointError naming file and entry.
+
 Modules: storage (files, atomic commit, `latest`, verification), slices (shard specs, global boxes),
 state (who writes what, RNG), saver (Checkpointer, sync and async), loader (any layout into any
 model and optimizer), reshard (offline layout changes, weights-only checkpoints).

@@ -6,13 +6,18 @@ slices. Optimizer state is rebuilt the same way, as the whole local shard, and t
 fragment this rank's optimizer holds (ZeRO-1) or loaded whole. Files are checked against the
 manifest (size and sha256) the first time they are opened, so a rank hashes only what it reads.
 Nothing is unpickled: tensors come from safetensors, everything else from JSON.
+
+A checkpoint is untrusted input: on opening, metadata.json's pieces must come from files the
+manifest lists and tile every tensor exactly once (slices.check_tiling); before a rank copies any
+weight, the files it reads are verified and their safetensors headers must hold each piece with
+the shape and dtype the metadata gives. File names go through storage.resolve_inside.
 """
 
 from __future__ import annotations
 
 import json
 import warnings
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -22,7 +27,15 @@ from safetensors import SafetensorError, safe_open
 from torch import nn
 
 from megatron_andromeda.checkpoint.saver import tokenizer_sha256
-from megatron_andromeda.checkpoint.slices import Box, ShardSpec, StoredPiece, assemble, shard_spec, whole
+from megatron_andromeda.checkpoint.slices import (
+    Box,
+    ShardSpec,
+    StoredPiece,
+    assemble,
+    check_tiling,
+    shard_spec,
+    whole,
+)
 from megatron_andromeda.checkpoint.state import (
     ADAM_TENSORS,
     Placement,
@@ -32,12 +45,14 @@ from megatron_andromeda.checkpoint.state import (
     restore_rng,
 )
 from megatron_andromeda.checkpoint.storage import (
+    MANIFEST,
     METADATA,
     SAFETENSORS_DTYPES,
     CheckpointError,
     check_file,
     in_parallel,
     read_manifest,
+    read_safetensors_header,
     resolve_checkpoint,
 )
 from megatron_andromeda.config import ModelConfig, RunConfig, config_from_dict
@@ -59,8 +74,16 @@ class CheckpointReader:
         self.manifest = read_manifest(self.path)
         self._verified: set[str] = set()
         self._handles: dict[str, Any] = {}
+        self._pieces_in: dict[str, list[tuple[str, dict[str, Any]]]] = {}  # file -> (tensor id, piece)
         self.config: RunConfig = config_from_dict(self.read_json("config.json"))
-        self.metadata = self.read_json(METADATA) if METADATA in self.manifest else self._legacy_metadata()
+        if METADATA in self.manifest:
+            self.metadata = self.read_json(METADATA)
+            check_tensor_index(self.metadata, self.manifest, self.path / METADATA)
+        else:
+            self.metadata = self._legacy_metadata()
+        for tensor_id, entry in self.metadata["tensors"].items():
+            for piece in entry["pieces"]:
+                self._pieces_in.setdefault(piece["file"], []).append((tensor_id, piece))
         has_state = "trainer_state.json" in self.manifest
         self.trainer_state: dict[str, Any] = self.read_json("trainer_state.json") if has_state else {}
 
@@ -84,17 +107,37 @@ class CheckpointReader:
                 if any(want.intersect(box) for want in wants):
                     files.add(piece["file"])
         in_parallel(self.verify, sorted(files - self._verified))
+        for name in sorted(files):  # their headers, before any weight is used
+            self._handle(name)
 
     def read_json(self, name: str) -> Any:
         return json.loads(self.verify(name).read_text())
 
     def _handle(self, name: str) -> Any:
         if name not in self._handles:
+            path = self.verify(name)
+            self._check_header(name, read_safetensors_header(path))
             try:
-                self._handles[name] = safe_open(self.verify(name), framework="pt", device="cpu")
+                self._handles[name] = safe_open(path, framework="pt", device="cpu")
             except SafetensorError as e:
                 raise CheckpointError(f"{self.path / name} is not a readable safetensors file ({e})") from e
         return self._handles[name]
+
+    def _check_header(self, name: str, header: Mapping[str, Any]) -> None:
+        """Every piece metadata.json places in file `name` is there, with its shape and dtype."""
+        for tensor_id, piece in self._pieces_in.get(name, ()):
+            found = header.get(piece["key"])
+            dtype = self.metadata["tensors"][tensor_id]["dtype"]
+            if (
+                not isinstance(found, dict)
+                or found.get("shape") != piece["shape"]
+                or (_DTYPE_NAMES.get(found.get("dtype")) != dtype)
+            ):
+                held = f"{found.get('dtype')} {found.get('shape')}" if isinstance(found, dict) else "nothing"
+                raise CheckpointError(
+                    f"{self.path / name}: key {piece['key']!r} should hold a {dtype} piece of shape "
+                    f"{piece['shape']} of {tensor_id} ({METADATA}), the file has {held}"
+                )
 
     def _legacy_metadata(self) -> dict[str, Any]:
         """Checkpoints of the first format (one process, no metadata.json): their weights only."""
@@ -145,6 +188,7 @@ def read_model_state(path: str | Path) -> tuple[RunConfig, dict[str, torch.Tenso
     """The resolved config and the FULL model state dict of a checkpoint, whatever layout wrote it."""
     reader = open_checkpoint(path)
     order = list(global_shapes(reader.config.model)) if METADATA in reader.manifest else []
+    reader.prefetch((t, whole(reader.shape(t))) for t in reader.tensor_ids("model/"))
     names = [t.removeprefix("model/") for t in reader.tensor_ids("model/")]
     names.sort(key=lambda n: order.index(n) if n in order else len(order))
     return reader.config, {n: reader.assemble(f"model/{n}", whole(reader.shape(f"model/{n}"))) for n in names}
@@ -187,6 +231,36 @@ def load_model_weights(path: str | Path, model: nn.Module, placement: Placement 
     reader.prefetch(_requests(reader, model, placement, with_optimizer=False))
     load_model(reader, model, placement)
     return reader.path
+
+
+def check_tensor_index(metadata: Any, manifest: Mapping[str, Any], where: Path) -> None:
+    """metadata.json's tensors are well formed, their pieces lie in files the manifest lists, and
+    the pieces of each tensor tile it exactly once; CheckpointError naming the tensor otherwise."""
+    tensors = metadata.get("tensors") if isinstance(metadata, dict) else None
+    if not isinstance(tensors, dict) or not isinstance(metadata.get("layout"), dict):
+        raise CheckpointError(f"{where} is not valid checkpoint metadata (no tensors or layout)")
+    for tensor_id, entry in tensors.items():
+        try:
+            shape, pieces = _ints(entry["shape"]), entry["pieces"]
+            boxes = [Box(_ints(p["offsets"]), _ints(p["shape"])) for p in pieces]
+            sources = [(p["file"], p["key"]) for p in pieces]
+            known_dtype = entry["dtype"] in _DTYPE_NAMES.values()
+        except (KeyError, TypeError, ValueError) as e:
+            raise CheckpointError(f"{where}: tensor {tensor_id!r} has a malformed entry ({e!r})") from e
+        if not known_dtype:
+            raise CheckpointError(f"{where}: tensor {tensor_id!r} has an unknown dtype {entry['dtype']!r}")
+        for file, key in sources:
+            if not isinstance(file, str) or file not in manifest or not isinstance(key, str):
+                raise CheckpointError(
+                    f"{where}: tensor {tensor_id!r} has a piece in {file!r}, which {MANIFEST} does not list"
+                )
+        check_tiling(tensor_id, shape, boxes, str(where))
+
+
+def _ints(value: Any) -> tuple[int, ...]:
+    if not isinstance(value, list) or not all(type(v) is int for v in value):
+        raise TypeError(f"{value!r} is not a list of integers")
+    return tuple(value)
 
 
 def _single_placement() -> Placement:

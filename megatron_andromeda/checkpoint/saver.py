@@ -4,6 +4,7 @@
     checkpointer.save(step, model, optimizer, trainer_state)
     ...
     checkpointer.wait()                                   # before exit: the last save is committed
+    checkpointer.close()                                  # on any exit: no save thread outlives it
 
 With `checkpoint.async_save` the state is first copied to host memory (the only part training
 waits for) and a background thread writes it; the bytes are those of a synchronous save. At most
@@ -16,6 +17,7 @@ marker files, so it never races the training loop's collectives.
 from __future__ import annotations
 
 import hashlib
+import sys
 import threading
 from collections.abc import Iterable
 from dataclasses import dataclass, field
@@ -269,6 +271,22 @@ class Checkpointer:
         self._join()
         self._barrier()
 
+    def close(self, timeout_s: float | None = None) -> None:
+        """Let the save in flight finish (at most timeout_s, default parallel.comm_timeout_s), no
+        collective, so that a rank leaving on an error may call it too. Reports, never raises: a
+        failed or unfinished save leaves `latest` on the previous checkpoint."""
+        thread, rank = self._thread, self.placement.rank
+        if thread is not None:
+            thread.join(self.timeout_s if timeout_s is None else timeout_s)
+            if thread.is_alive():
+                _warn(f"[rank {rank}] the background save {thread.name} did not finish in time; "
+                      "`latest` still names the previous checkpoint")  # fmt: skip
+                return
+            self._thread = None
+        if self._error is not None:
+            error, self._error = self._error, None
+            _warn(f"[rank {rank}] the background checkpoint save failed: {error}")
+
     @property
     def in_flight(self) -> bool:
         return self._thread is not None and self._thread.is_alive()
@@ -297,6 +315,10 @@ class Checkpointer:
     def _barrier(self) -> None:
         if self.placement.world > 1:
             dist.barrier(group=dist.group.WORLD)
+
+
+def _warn(message: str) -> None:
+    print(f"warning: {message}", file=sys.stderr, flush=True)
 
 
 def save_checkpoint(

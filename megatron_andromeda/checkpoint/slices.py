@@ -186,7 +186,8 @@ def assemble(
     """This rank's shard (per `spec`) of global tensor `name`, copied out of the stored pieces.
 
     `read(piece, box)` returns the part `box` (global coordinates) of a stored piece. Every element
-    of the shard must be covered: the stored pieces never overlap, so counting suffices.
+    of the shard must be covered: the stored pieces never overlap (check_tiling, run when a
+    checkpoint is opened), so counting suffices.
     """
     out = torch.empty(spec.local_shape(global_shape), dtype=dtype)
     covered = 0
@@ -205,3 +206,46 @@ def assemble(
             "needs (a rank's files are missing from metadata.json?)"
         )
     return out
+
+
+# ------------------------------------------------------------------------------------------ checking pieces
+def check_tiling(tensor_id: str, shape: Sequence[int], boxes: Sequence[Box], where: str) -> None:
+    """The boxes cover a tensor of `shape` exactly once: within bounds, no overlap, no gap.
+
+    assemble() only counts the elements it copies, which a piece listed twice satisfies while
+    another part of the tensor stays uninitialised: so a checkpoint's pieces are checked here, when
+    it is opened, before any weight is used. `where` names the file the pieces come from.
+    """
+    name = f"{where}: tensor {tensor_id} of shape {tuple(shape)}"
+    for box in boxes:
+        inside = len(box.offsets) == len(box.shape) == len(shape) and all(
+            o >= 0 and n >= 0 and o + n <= size for o, n, size in zip(box.offsets, box.shape, shape)
+        )
+        if not inside:
+            raise CheckpointError(
+                f"{name}: the piece at {list(box.offsets)} of shape {list(box.shape)} lies outside it"
+            )
+    _check_no_overlap(name, [b for b in boxes if b.numel])
+    covered = sum(b.numel for b in boxes)
+    if covered != math.prod(shape):
+        raise CheckpointError(
+            f"{name}: its pieces cover {covered} of its {math.prod(shape)} elements (a piece is missing)"
+        )
+
+
+def _check_no_overlap(name: str, boxes: list[Box]) -> None:
+    """A sweep along dim 0: each box is compared only with the boxes whose rows it shares."""
+    if boxes and not boxes[0].offsets:  # a scalar: one piece at most
+        if len(boxes) > 1:
+            raise CheckpointError(f"{name}: {len(boxes)} pieces hold the one element")
+        return
+    active: list[Box] = []
+    for box in sorted(boxes, key=lambda b: b.offsets):
+        active = [a for a in active if a.offsets[0] + a.shape[0] > box.offsets[0]]
+        for other in active:
+            if other.intersect(box) is not None:
+                raise CheckpointError(
+                    f"{name}: the pieces at {list(other.offsets)} (shape {list(other.shape)}) and at "
+                    f"{list(box.offsets)} (shape {list(box.shape)}) overlap (a piece listed twice?)"
+                )
+        active.append(box)

@@ -10,6 +10,12 @@ between the writers, so a background (async) save needs no process-group collect
 
 A directory without `manifest.json` is incomplete; loaders skip it and fall back to the newest
 complete checkpoint.
+
+Reading treats a checkpoint as untrusted input. Every name read from one (`latest`, the manifest's
+file names, which metadata.json's pieces must come from) goes through `resolve_inside`: a relative
+name that, symlinks resolved, stays inside the checkpoint's directory and names a regular file.
+Files are read and hashed only up to the size their manifest entry states, and safetensors headers
+are checked against the file's size before any tensor is read (`read_safetensors_header`).
 """
 
 from __future__ import annotations
@@ -19,11 +25,12 @@ import json
 import os
 import re
 import shutil
+import stat
 import time
 import warnings
 from collections.abc import Callable, Iterable, Mapping
 from concurrent.futures import ThreadPoolExecutor
-from pathlib import Path
+from pathlib import Path, PurePath
 from typing import Any
 
 import torch
@@ -37,6 +44,9 @@ FORMAT = "andromeda-checkpoint-v2"
 STEP_DIR = re.compile(r"^step_(\d{8})$")
 _TMP_DIR = re.compile(r"^\.step_(\d{8})\.tmp$")
 _MARKER = re.compile(r"^\.rank(\d{5})\.json$")
+_SHA256 = re.compile(r"^[0-9a-f]{64}$")
+MAX_LATEST_BYTES = 4096  # `latest` holds one directory name
+MAX_HEADER_BYTES = 100 * 2**20  # safetensors' own limit on a header
 
 SAFETENSORS_DTYPES = {
     torch.float64: "F64", torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16",
@@ -47,6 +57,8 @@ SAFETENSORS_DTYPES = {
 
 class CheckpointError(UserError, RuntimeError):
     """A checkpoint that cannot be used; the message names the file or tensor."""
+
+    label = "checkpoint error"
 
 
 def step_dir_name(step: int) -> str:
@@ -132,11 +144,16 @@ def fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
-def sha256_file(path: Path) -> str:
+def sha256_file(path: Path, size: int) -> str:
+    """sha256 of a file of `size` bytes, reading no further (so a device file cannot be read forever)."""
     digest = hashlib.sha256()
     with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 22), b""):
+        left = size
+        while left > 0 and (block := f.read(min(left, 1 << 22))):
             digest.update(block)
+            left -= len(block)
+        if left or f.read(1):
+            raise CheckpointError(f"checkpoint file {path} changed size while read (expected {size} bytes)")
     return digest.hexdigest()
 
 
@@ -206,12 +223,60 @@ def publish_latest(root: Path, final: Path, keep_last: int | None) -> None:
 
 
 # -------------------------------------------------------------------------------------------------- reading
+def resolve_inside(directory: Path, name: Any, *, source: Path | str, kind: str | None = "file") -> Path:
+    """The path that `name`, read from the file `source`, names inside `directory`; CheckpointError if none.
+
+    The one rule for every name a checkpoint (or a Hugging Face index) holds: a relative name that,
+    with symlinks resolved, stays inside `directory` (a symlink to another file of the same
+    checkpoint is fine, one leading out is not). With kind "file" it must name an existing regular
+    file; with None it need not exist yet (`latest`: the caller checks the directory is complete).
+    Without this a checkpoint could make a reader load, hash or block on any file of the machine:
+    `../other/...`, an absolute path, `/dev/zero`, a FIFO.
+    """
+    entry = f"{source}: entry {name!r}"
+    if not isinstance(name, str) or not name or "\0" in name:
+        raise CheckpointError(f"{entry} is not a file name")
+    if PurePath(name).is_absolute():
+        raise CheckpointError(f"{entry} is an absolute path; a checkpoint names files inside {directory}")
+    try:
+        root = Path(directory).resolve()
+        target = (root / name).resolve()
+    except (OSError, RuntimeError) as e:  # a symlink loop
+        raise CheckpointError(f"{entry} cannot be resolved ({e})") from e
+    if target == root or not target.is_relative_to(root):
+        raise CheckpointError(
+            f"{entry} resolves to {target}, outside {root}; a checkpoint may only name files inside "
+            "its own directory"
+        )
+    if kind is None:
+        return target
+    try:
+        mode = target.stat().st_mode
+    except FileNotFoundError:
+        raise CheckpointError(f"checkpoint file {root / name} is missing ({entry})") from None
+    if not stat.S_ISREG(mode):
+        raise CheckpointError(f"{entry} names {target}, which is not a regular file (a device or FIFO?)")
+    return target
+
+
+def read_bounded(path: Path, limit: int) -> bytes:
+    """A (resolved, regular) file's bytes; CheckpointError when it holds more than `limit`."""
+    with open(path, "rb") as f:
+        data = f.read(limit + 1)
+    if len(data) > limit:
+        raise CheckpointError(f"{path} is larger than the {limit} bytes such a file can hold")
+    return data
+
+
 def is_complete(ckpt: Path) -> bool:
     return ckpt.is_dir() and (ckpt / MANIFEST).exists()
 
 
 def resolve_checkpoint(path: str | Path) -> Path | None:
-    """A checkpoint directory from a directory or a save root (through `latest`, with fallback)."""
+    """A checkpoint directory from a directory or a save root (through `latest`, with fallback).
+
+    `path` itself is the user's choice; what `latest` names must lie inside it (resolve_inside).
+    """
     path = Path(path)
     if (path / MANIFEST).exists():
         return path
@@ -219,41 +284,94 @@ def resolve_checkpoint(path: str | Path) -> Path | None:
         return None
     latest = path / LATEST
     if latest.exists():
-        named = path / latest.read_text().strip()
+        file = resolve_inside(path, LATEST, source=path)
+        text = read_bounded(file, MAX_LATEST_BYTES).decode("utf-8", errors="replace").strip()
+        named = resolve_inside(path, text, source=latest, kind=None)
         if is_complete(named):
             return named
         warnings.warn(
-            f"{latest} names {named.name}, which is missing or incomplete; "
+            f"{latest} names {text}, which is missing or incomplete; "
             "falling back to the newest complete checkpoint",
             stacklevel=2,
         )
     candidates = sorted((p for p in path.iterdir() if STEP_DIR.match(p.name)), reverse=True)
-    return next((c for c in candidates if is_complete(c)), None)
+    for candidate in candidates:
+        resolve_inside(path, candidate.name, source=path, kind=None)  # no symlink out of the root
+        if is_complete(candidate):
+            return candidate
+    return None
 
 
 def read_manifest(ckpt: Path) -> dict[str, dict[str, Any]]:
+    """The manifest's file entries, every name checked to stay inside `ckpt` and every entry well formed."""
     path = ckpt / MANIFEST
     if not path.exists():
         raise CheckpointError(f"{path} is missing: the checkpoint is incomplete")
     try:
-        return json.loads(path.read_text())["files"]
-    except (ValueError, KeyError) as e:
+        manifest = json.loads(resolve_inside(ckpt, MANIFEST, source=ckpt).read_bytes())
+        files = manifest["files"]
+    except (ValueError, KeyError, TypeError) as e:
         raise CheckpointError(f"{path} is not a valid manifest ({e})") from e
+    if not isinstance(files, dict):
+        raise CheckpointError(f"{path} is not a valid manifest (files is not a mapping)")
+    for name, entry in files.items():
+        resolve_inside(ckpt, name, source=path, kind=None)
+        size = entry.get("size") if isinstance(entry, dict) else None
+        digest = entry.get("sha256") if isinstance(entry, dict) else None
+        if type(size) is not int or size < 0 or not isinstance(digest, str) or not _SHA256.match(digest):
+            raise CheckpointError(f"{path}: entry {name!r} needs a size (bytes) and a sha256, has {entry!r}")
+    return files
 
 
-def check_file(ckpt: Path, name: str, entry: Mapping[str, Any]) -> None:
-    """One file against its manifest entry; raises CheckpointError naming the file."""
-    file = ckpt / name
-    if not file.exists():
-        raise CheckpointError(f"checkpoint file {file} is missing")
+def check_file(ckpt: Path, name: str, entry: Mapping[str, Any]) -> Path:
+    """One file against its manifest entry (read no further than its size); returns its resolved path."""
+    file = resolve_inside(ckpt, name, source=ckpt / MANIFEST)
     size = file.stat().st_size
     if size != entry["size"]:
-        raise CheckpointError(f"checkpoint file {file} has {size} bytes, the manifest says {entry['size']}")
-    if sha256_file(file) != entry["sha256"]:
-        raise CheckpointError(f"checkpoint file {file} fails its sha256 check (corrupted)")
+        raise CheckpointError(
+            f"checkpoint file {ckpt / name} has {size} bytes, the manifest says {entry['size']}"
+        )
+    if sha256_file(file, size) != entry["sha256"]:
+        raise CheckpointError(f"checkpoint file {ckpt / name} fails its sha256 check (corrupted)")
+    return file
 
 
 def verify_checkpoint(ckpt: Path) -> None:
     """Check every file against the manifest; raises CheckpointError naming the bad file."""
     for name, entry in read_manifest(Path(ckpt)).items():
         check_file(Path(ckpt), name, entry)
+
+
+def read_safetensors_header(path: Path) -> dict[str, Any]:
+    """The JSON header of a safetensors file, checked against the file's size; CheckpointError naming it.
+
+    safetensors' own message for a pickle or a truncated file ("header too large", "incomplete
+    metadata") names neither the file nor the problem; this says which file, and what it is.
+    """
+    size = path.stat().st_size
+    with open(path, "rb") as f:
+        head = f.read(8)
+        length = int.from_bytes(head, "little") if len(head) == 8 else -1
+        if length < 2 or length > MAX_HEADER_BYTES:
+            raise CheckpointError(
+                f"{path} is not a safetensors file (it does not start with a header length; a pickled "
+                ".bin/.pt file or another format?)"
+            )
+        raw = f.read(length)
+    if len(raw) < length:
+        prefix = "truncated" if raw[:1] == b"{" else "not a safetensors file (no JSON header)"
+        raise CheckpointError(f"{path} is {prefix}: it announces a {length}-byte header, has {size} bytes")
+    try:
+        header = json.loads(raw)
+        ends = [v["data_offsets"][1] for k, v in header.items() if k != "__metadata__"]
+        if not all(type(end) is int for end in ends):
+            raise TypeError("data offsets are not integers")
+    except (ValueError, KeyError, TypeError, AttributeError, IndexError) as e:
+        raise CheckpointError(f"{path} is not a safetensors file (its header is not valid: {e})") from e
+    data = size - 8 - length
+    if max(ends, default=0) > data:
+        raise CheckpointError(
+            f"{path} is truncated: its header places tensors up to byte {max(ends)} of the data, "
+            f"which holds {data} bytes"
+        )
+    return header

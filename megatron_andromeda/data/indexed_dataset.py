@@ -50,6 +50,8 @@ _CODE_OF_DTYPE = {dtype: code for code, dtype in DTYPE_CODES.items()}
 class DatasetError(UserError, ValueError):
     """A dataset file that cannot be used; the message names the file and what to do."""
 
+    label = "data error"
+
 
 def data_file_path(prefix: str | os.PathLike) -> str:
     return f"{os.fspath(prefix)}.bin"

@@ -28,6 +28,8 @@ from megatron_andromeda.sft.formats import open_text
 class TaskError(UserError, ValueError):
     """A task file or record that cannot be used; the message names the file and line."""
 
+    label = "task error"
+
 
 @dataclass
 class MCExample:

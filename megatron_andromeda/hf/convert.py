@@ -37,6 +37,8 @@ StateDict = dict[str, torch.Tensor]
 class ConversionError(UserError, ValueError):
     """A model or directory that cannot be converted exactly; the message says why and what to do."""
 
+    label = "conversion error"
+
 
 @dataclasses.dataclass(frozen=True)
 class TokenIds:

@@ -127,20 +127,43 @@ def load_hf_directory(path: str | os.PathLike) -> tuple[ModelConfig, StateDict]:
 
 
 def _read_safetensors(path: Path) -> StateDict:
+    """The directory's weights. Its files are untrusted like a checkpoint's: the index may name only
+    regular files inside the directory, and each file must be a whole safetensors file (a pickle
+    renamed .safetensors, or a truncated download, is named as such)."""
     from safetensors.torch import load_file
 
-    if (path / "model.safetensors").is_file():
-        return load_file(path / "model.safetensors")
+    from megatron_andromeda.checkpoint.storage import (
+        CheckpointError,
+        read_safetensors_header,
+        resolve_inside,
+    )
+
     index = path / "model.safetensors.index.json"
-    if not index.is_file():
+    if not (path / "model.safetensors").exists() and not index.is_file():
         raise ConversionError(
             f"{path} has neither model.safetensors nor model.safetensors.index.json (pickled "
             "pytorch_model.bin is not read: re-save with save_pretrained(..., safe_serialization=True))"
         )
-    weights: StateDict = {}
-    for shard in sorted(set(json.loads(index.read_text())["weight_map"].values())):
-        weights.update(load_file(path / shard))
+    try:
+        if (path / "model.safetensors").exists():
+            files = [resolve_inside(path, "model.safetensors", source=path)]
+        else:
+            files = [resolve_inside(path, name, source=index) for name in _shard_names(index)]
+        weights: StateDict = {}
+        for file in files:
+            read_safetensors_header(file)
+            weights.update(load_file(file))
+    except CheckpointError as e:
+        raise ConversionError(str(e)) from e
     return weights
+
+
+def _shard_names(index: Path) -> list[str]:
+    try:
+        weight_map = json.loads(index.read_text())["weight_map"]
+        return sorted(set(weight_map.values()))
+    except (ValueError, KeyError, TypeError, AttributeError) as e:
+        raise ConversionError(f"{index} is not a valid safetensors index ({e!r})") from e
 
 
 # ----------------------------------------------------------------------------------- Andromeda checkpoints

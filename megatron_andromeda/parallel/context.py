@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import sys
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import timedelta
 from typing import TYPE_CHECKING, TextIO
@@ -51,6 +52,8 @@ class ParallelContext:
     embedding_group: dist.ProcessGroup | None = None
     mp_group: dist.ProcessGroup | None = None
     rng: RNGTracker = field(default_factory=RNGTracker)
+    # What close() stops before the groups go (e.g. the pipeline watchdog's thread), newest first.
+    _on_close: list[Callable[[], None]] = field(default_factory=list, repr=False, compare=False)
 
     @classmethod
     def single(
@@ -137,10 +140,25 @@ class ParallelContext:
     def distributed(self) -> bool:
         return self.tp_group is not None
 
-    def close(self) -> None:
-        """Tear down the process groups (a no-op for one process)."""
-        if self.distributed and dist.is_initialized():
-            dist.destroy_process_group()
+    def on_close(self, callback: Callable[[], None]) -> None:
+        """Have close() call `callback` (stop a thread that uses these groups or their store) first."""
+        self._on_close.append(callback)
+
+    def close(self, *, clean: bool = True) -> None:
+        """The orderly end of a run: stop what registered with on_close, then (several processes)
+        wait for every rank and destroy the process groups, once. Safe to call twice.
+
+        The barrier keeps a rank from tearing its groups down while a peer still talks to it. A rank
+        leaving on an error passes clean=False: it skips the barrier, which peers stuck elsewhere
+        would never reach, and only destroys its own groups.
+        """
+        while self._on_close:
+            self._on_close.pop()()
+        if not (self.distributed and dist.is_initialized()):
+            return
+        if clean:
+            dist.barrier(group=dist.group.WORLD)
+        dist.destroy_process_group()
 
     def print_layout(self, file: TextIO | None = None) -> None:
         """Print the rank layout once (on global rank 0)."""

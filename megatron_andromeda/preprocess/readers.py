@@ -26,6 +26,8 @@ HF_MARKERS = ("state.json", "dataset_info.json", "dataset_dict.json")
 class InputError(UserError, ValueError):
     """An input that cannot be read; the message names the file and what to do."""
 
+    label = "input error"
+
 
 @dataclass(frozen=True)
 class InputFile:

@@ -54,6 +54,8 @@ _HH_TURN = re.compile(r"\n\n(Human|Assistant):")
 class FormatError(UserError, ValueError):
     """A record that cannot be read; the message names the file and line where it is known."""
 
+    label = "format error"
+
 
 @dataclass
 class ReadReport:

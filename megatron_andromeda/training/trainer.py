@@ -331,6 +331,12 @@ class Trainer:
             return False
         return step == self.cfg.train.steps or (cc.save_interval > 0 and step % cc.save_interval == 0)
 
+    def close(self) -> None:
+        """Release what the loop started, on success or error: the background save (waited for,
+        bounded) and the metric sinks (TensorBoard's writer thread)."""
+        self.checkpointer.close()
+        self.logger.close()
+
     def save(self) -> Path:
         """Save this step (in the background with checkpoint.async_save; the run's last save blocks)."""
         tc, step = self.cfg.train, self.state.step

@@ -96,11 +96,13 @@ def build_pipeline_schedule(
     """This rank's schedule for `ParallelHooks.schedule`, as the run layout names it.
 
     `dtype` is that of the hidden states between stages (the parameters' dtype). The watchdog
-    defaults to one with `comm_timeout_s` on the job's store.
+    defaults to one with `comm_timeout_s` on the job's store, stopped by `ctx.close()` (a caller's
+    own watchdog is the caller's to close).
     """
     layout = run_layout(ctx)
     if watchdog is None:
         watchdog = Watchdog.for_job(comm_timeout_s)
+        ctx.on_close(watchdog.close)
     comm = PipelineComm(
         ctx.pp_group,
         [ctx.layout.rank_of(p, ctx.dp_rank, ctx.tp_rank) for p in range(ctx.pp_size)],

@@ -13,10 +13,18 @@ otherwise block forever. Each rank runs a small daemon thread. Blocking waits ar
 
 Exiting from the watchdog thread is deliberate: the main thread is blocked inside a C++ wait and
 cannot be interrupted with an exception.
+
+The thread must be stopped and joined before the interpreter exits (`close`; ParallelContext.close
+calls it for the watchdog the pipeline schedule made, and an atexit hook does so for any other).
+A daemon thread still polling the store at exit is killed by Python when its store call returns
+(pthread_exit on a thread inside a pybind11 `gil_scoped_release`), and that unwinding through a
+noexcept destructor aborts the whole process with "terminate called without an active
+exception": an 8-process run lost a rank that way after its last step (issue 21).
 """
 
 from __future__ import annotations
 
+import atexit
 import contextlib
 import faulthandler
 import os
@@ -105,14 +113,30 @@ class Watchdog:
             with self._lock:
                 self._armed = None
 
-    def close(self) -> None:
+    def close(self, timeout_s: float = 10.0) -> None:
+        """Stop the thread and join it (at most timeout_s, then say so); safe to call twice."""
         self._stop.set()
+        thread, self._thread = self._thread, None
+        if thread is None or thread is threading.current_thread():
+            return
+        atexit.unregister(self.close)
+        thread.join(timeout_s)
+        if thread.is_alive():  # inside a store call that does not return: say so rather than hang
+            print(
+                f"[rank {self.rank}] warning: the pipeline watchdog thread did not stop within "
+                f"{timeout_s:g} s (blocked on the job's store?)",
+                file=sys.stderr,
+                flush=True,
+            )
 
     # ------------------------------------------------------------------------------------------ thread
     def _start(self) -> None:
-        if self._thread is None:
+        if self._thread is None and not self._stop.is_set():
+            # A daemon, so that a thread stuck in a store call can never keep the process alive;
+            # joined by close(), and at the latest by atexit, which runs before Python kills daemons.
             self._thread = threading.Thread(target=self._run, name="andromeda-watchdog", daemon=True)
             self._thread.start()
+            atexit.register(self.close)
 
     def _run(self) -> None:
         while not self._stop.wait(self.poll_s):
