@@ -199,8 +199,11 @@ class StageConfig:
     recipe: str = option("", "the stage's data recipe (examples/data/*.yaml) ...")
     train: list[str] = option(help="... or a blend list", factory=list)
     valid: list[str] = option(help="validation blend of the stage", factory=list)
-    tokens: float | None = option(None, "token budget: steps = ceil(tokens / (global batch x seq length))",
-                                  above=0.0)  # fmt: skip
+    tokens: float | None = option(
+        None,
+        "token budget: steps = ceil(tokens / (global batch x seq length)); default the recipe's",
+        above=0.0,
+    )
     steps: int | None = option(None, "or a step count", min=1)
     lr: float | None = option(None, "the stage's peak learning rate", above=0.0)
     min_lr: float | None = option(None, "the stage's learning-rate floor", min=0.0)
@@ -217,8 +220,10 @@ class StageConfig:
         if not self.name:
             raise ConfigError(f"{where}: every stage needs a name (it names its checkpoint and log folders)")
         check_fields(self, where)
-        if (self.tokens is None) == (self.steps is None):
+        if self.tokens is not None and self.steps is not None:
             raise ConfigError(f"{where}: give exactly one of tokens and steps")
+        if self.tokens is None and self.steps is None and not self.recipe:
+            raise ConfigError(f"{where}: give exactly one of tokens and steps (or a recipe with `tokens:`)")
         if bool(self.recipe) == bool(self.train):
             raise ConfigError(f"{where}: give exactly one of recipe and train")
 

@@ -22,14 +22,13 @@ import torch
 from megatron_andromeda.builder import build_loss_fn, build_model
 from megatron_andromeda.checkpoint import Placement, load_model_weights, resolve_checkpoint
 from megatron_andromeda.config import (
-    DataConfig,
     RunConfig,
     describe_config,
     load_config,
     save_resolved_config,
 )
-from megatron_andromeda.data.builder import build_datasets, check_training_data, parse_blend
-from megatron_andromeda.data.recipe import resolve_data_config
+from megatron_andromeda.data.blend import Blend, resolve_blends
+from megatron_andromeda.data.builder import build_datasets, check_training_data
 from megatron_andromeda.errors import TRACEBACK_ENV, ConfigError, report_user_errors
 from megatron_andromeda.kernels import BackendChoice, fp8_context, select_backends
 from megatron_andromeda.parallel import ParallelContext, init_parallel, plan_layout
@@ -80,19 +79,23 @@ def run(cfg: RunConfig) -> TrainState:
     """Train with a validated config (every stage in order, for a multi-stage run)."""
     layout = plan_layout(cfg, world_size_from_env())  # every layout rule, before any process group
     plans = plan_stages(cfg) if cfg.stages else []
-    check_training_data([p.config for p in plans] or [cfg], [p.label for p in plans])  # files, once
+    stage_configs = [p.config for p in plans] or [cfg]
+    blends = [resolve_blends(c.data) for c in stage_configs]  # each stage's data, resolved once
+    check_training_data(stage_configs, [p.label for p in plans], blends)  # the files, once
     if int(os.environ.get("RANK", "0")) == 0:
         for warning in cfg.warnings():
             print(f"warning: {warning}", file=sys.stderr, flush=True)
     ctx = init_parallel(cfg, layout)
     try:
         if not plans:
-            return run_stage(cfg, ctx)
+            return run_stage(cfg, ctx, blends=blends[0])
         state = TrainState()
-        for plan in plans:
+        for plan, stage_blends in zip(plans, blends):
             if ctx.rank == 0:
                 print(f"=== stage {plan.label}: {plan.config.train.steps} steps", flush=True)
-            state = run_stage(plan.config, ctx, plan.stage.freeze, plan.lr_step_offset, plan.lr_total_steps)
+            state = run_stage(
+                plan.config, ctx, plan.stage.freeze, plan.lr_step_offset, plan.lr_total_steps, stage_blends
+            )
         return state
     except BaseException:
         ctx.close(clean=False)  # no barrier: peers stuck elsewhere would never reach it
@@ -107,8 +110,12 @@ def run_stage(
     freeze: Sequence[str] = (),
     lr_step_offset: int = 0,
     lr_total_steps: int | None = None,
+    blends: dict[str, Blend] | None = None,
 ) -> TrainState:
-    """One training run: resumes from its own checkpoints when they exist."""
+    """One training run: resumes from its own checkpoints when they exist.
+
+    `blends` are the run's resolved blends (default: resolved here from `cfg.data`).
+    """
     _check_inputs(cfg)
     if cfg.train.threads:
         torch.set_num_threads(cfg.train.threads)
@@ -118,8 +125,8 @@ def run_stage(
         save_resolved_config(cfg, run_dir)
 
     tokenizer = _load_tokenizer(cfg)
-    data_cfg = resolve_data_config(cfg.data)
-    train_data, valid_data = _build_data(cfg, data_cfg, tokenizer)
+    blends = blends if blends is not None else resolve_blends(cfg.data)
+    train_data, valid_data = _build_data(cfg, blends, tokenizer)
     parts = build_training(cfg, ctx, tokenizer.vocab_size, freeze)
     trainer = Trainer(
         cfg, parts.model, parts.optimizer, train_data, valid_data,
@@ -136,7 +143,9 @@ def run_stage(
                                  + (f", {parts.frozen:,} frozen" if parts.frozen else ""))  # fmt: skip
         state = trainer.fit()
         if ctx.rank == 0:
-            write_data_report(run_dir, data_cfg, train_data, state.consumed_samples, cfg.data.seq_length)
+            write_data_report(
+                run_dir, blends["train"], train_data, state.consumed_samples, cfg.data.seq_length
+            )
     finally:
         trainer.close()  # the background save (bounded wait) and the metric sinks, also on an error
     return state
@@ -200,14 +209,14 @@ def freeze_parameters(model: torch.nn.Module, patterns: Sequence[str]) -> int:
     return frozen
 
 
-def write_data_report(run_dir: Path, data_cfg, train_data, consumed: int, seq_length: int) -> Path:
+def write_data_report(run_dir: Path, blend: Blend, train_data, consumed: int, seq_length: int) -> Path:
     """What this run trained on: samples and tokens per source, from the blend's own index."""
-    blend = parse_blend(data_cfg.train, "data.train")
     counts = train_data.source_counts(consumed) if hasattr(train_data, "source_counts") else [consumed]
     sources = [
-        {"dataset": prefix, "weight": weight, "samples": int(n), "tokens": int(n) * seq_length}
-        for (weight, prefix), n in zip(blend, counts)
-    ]
+        {"source": s.name, "dataset": s.prefix, "weight": s.weight, "samples": int(n),
+         "tokens": int(n) * seq_length}
+        for s, n in zip(blend.sources, counts)
+    ]  # fmt: skip
     path = run_dir / "data_report.json"
     path.write_text(json.dumps({"consumed_samples": consumed, "sources": sources}, indent=2))
     return path
@@ -248,11 +257,11 @@ def _load_tokenizer(cfg: RunConfig):
     return tokenizer
 
 
-def _build_data(cfg: RunConfig, data_cfg: DataConfig, tokenizer):
+def _build_data(cfg: RunConfig, blends: dict[str, Blend], tokenizer):
     tc = cfg.train
     num_samples = (tc.steps * tc.global_batch_size, tc.eval_batches * tc.global_batch_size, 0)
     train, valid, _ = build_datasets(
-        data_cfg, tokenizer, num_samples, cfg.data.seq_length, cfg.model.vocab_size
+        cfg.data, tokenizer, num_samples, cfg.data.seq_length, cfg.model.vocab_size, blends=blends
     )
     if train is None:
         raise ConfigError(

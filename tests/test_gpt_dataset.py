@@ -15,8 +15,9 @@ from hang_guard import HANG_GUARD_S
 from megatron_andromeda.config import DataConfig
 from megatron_andromeda.data import gpt_dataset
 from megatron_andromeda.data import index_reference as ref
+from megatron_andromeda.data.blend import Blend
 from megatron_andromeda.data.blended_dataset import BlendedDataset, samples_needed
-from megatron_andromeda.data.builder import build_datasets, parse_blend
+from megatron_andromeda.data.builder import build_datasets
 from megatron_andromeda.data.gpt_dataset import GPTDataset
 from megatron_andromeda.data.indexed_dataset import DatasetError, IndexedDataset, IndexedDatasetWriter
 
@@ -164,16 +165,16 @@ def _sources(tmp_path, n=3):
 
 def test_blended_items_come_from_their_sources(tmp_path):
     sources = _sources(tmp_path)
-    blend = BlendedDataset(sources, [5, 3, 2], 100)
+    blend = BlendedDataset(sources, [0.5, 0.3, 0.2], 100)
     assert len(blend) == 100
     np.testing.assert_allclose(blend.weights, [0.5, 0.3, 0.2])
     counts = blend.source_counts(100)
     assert np.all(np.abs(counts - np.array([50, 30, 20])) <= 1)
-    assert np.all(counts <= samples_needed([5, 3, 2], 100))
+    assert np.all(counts <= samples_needed([0.5, 0.3, 0.2], 100))
     for i in range(0, 100, 7):
         k, j = int(blend.dataset_index[i]), int(blend.dataset_sample_index[i])
         np.testing.assert_array_equal(blend[i]["tokens"], sources[k][j]["tokens"])
-    resumed = BlendedDataset(sources, [5, 3, 2], 100)  # resume = rebuild and start at any index
+    resumed = BlendedDataset(sources, [0.5, 0.3, 0.2], 100)  # resume = rebuild and start at any index
     np.testing.assert_array_equal(resumed[63]["tokens"], blend[63]["tokens"])
 
 
@@ -189,11 +190,18 @@ def test_blend_refuses_a_too_small_source(tmp_path):
         BlendedDataset(sources, [0.2, 0.8], 100)
 
 
-def test_parse_blend():
-    assert parse_blend(["a"], "data.train") == [(1.0, "a")]
-    assert parse_blend(["0.7", "a", "0.3", "b"], "data.train") == [(0.7, "a"), (0.3, "b")]
+def test_blend_lists_are_parsed_and_normalised_once():
+    one = Blend.parse(["a"], "data.train")
+    assert one.prefixes == ["a"] and one.weights.tolist() == [1.0] and one.names == ["a"]
+    two = Blend.parse(["7", "x/a", "3", "y/a"], "data.train")  # raw weights: shares come out
+    assert two.weights.tolist() == [0.7, 0.3] and two.names == ["x/a", "y/a"]
+    assert Blend.parse(["p", "q"], "data.train").weights.tolist() == [0.5, 0.5]
     with pytest.raises(ValueError, match="data.valid: a weighted blend alternates"):
-        parse_blend(["0.7", "a", "0.3"], "data.valid")
+        Blend.parse(["0.7", "a", "0.3"], "data.valid")
+    with pytest.raises(ValueError, match="data.train: the weights sum to zero"):
+        Blend.parse(["0", "a"], "data.train")
+    with pytest.raises(ValueError, match="shares summing to 1"):
+        BlendedDataset([[], []], [5, 3], 10)  # unnormalised weights are refused, not renormalised
 
 
 def test_build_datasets_end_to_end(tmp_path):

@@ -9,8 +9,9 @@ import pytest
 from hang_guard import HANG_GUARD_S
 
 from megatron_andromeda.config import ConfigError, DataConfig
+from megatron_andromeda.data.blend import resolve_blends
 from megatron_andromeda.data.indexed_dataset import IndexedDatasetWriter
-from megatron_andromeda.data.recipe import load_recipe, plan_stage, resolve_data_config
+from megatron_andromeda.data.recipe import load_recipe, plan_stage
 
 ROOT = Path(__file__).resolve().parents[1]
 RECIPES = sorted((ROOT / "examples" / "data").glob("*.yaml"))
@@ -45,14 +46,13 @@ def test_token_budgets_become_shares_and_blends(tmp_path):
     )
     recipe = load_recipe(path)
     assert recipe.weights() == pytest.approx([0.75, 0.25])
-    data = resolve_data_config(DataConfig(recipe=str(path)))
-    assert data.train == [
-        "0.75",
-        f"{tmp_path}/web_train_text_document",
-        "0.25",
-        f"{tmp_path}/code_train_text_document",
-    ]
-    assert data.valid[1].endswith("web_valid_text_document") and not data.test  # no test files: left out
+    blends = resolve_blends(DataConfig(recipe=str(path)))
+    train = blends["train"]
+    assert train.names == ["web", "code"]  # the recipe's names travel with the blend
+    assert train.prefixes == [f"{tmp_path}/web_train_text_document", f"{tmp_path}/code_train_text_document"]
+    assert train.weights.tolist() == pytest.approx([0.75, 0.25])
+    assert blends["valid"].prefixes[1].endswith("code_valid_text_document")
+    assert not blends["test"]  # no test files: left out
     plan = plan_stage(recipe, 8e9, [4_000_000_000, 1_000_000_000])
     assert [s.effective_tokens for s in plan.sources] == pytest.approx([6e9, 2e9])
     assert [s.epochs for s in plan.sources] == pytest.approx([1.5, 2.0])

@@ -156,8 +156,9 @@ def test_per_source_losses_of_a_blended_batch(tmp_path):
             self.data = torch.randint(0, VOCAB, (n, SEQ + 1), generator=torch.Generator().manual_seed(3))
 
     cfg = tiny_config(tmp_path, "model.dropout=0.0", "train.global_batch_size=8")
-    blend = BlendedDataset([SyntheticTokens(64), RandomTokens(64)], [0.5, 0.5], 64)
-    blend.source_names = ["pattern", "noise"]
+    blend = BlendedDataset(
+        [SyntheticTokens(64), RandomTokens(64)], [0.5, 0.5], 64, names=["pattern", "noise"]
+    )
     trainer = make_trainer(cfg, tmp_path)
     trainer.train_data = blend
     trainer.num_sources = 2

@@ -15,13 +15,12 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import sys
 from pathlib import Path
 
 from megatron_andromeda.config import ConfigError
 from megatron_andromeda.data.indexed_dataset import IndexedDataset, dataset_exists
-from megatron_andromeda.data.recipe import Source, StagePlan, load_recipe, plan_stage
+from megatron_andromeda.data.recipe import Source, StagePlan, load_recipe, plan_stage, stage_token_budget
 
 
 def tokens_in_source(source: Source) -> int | None:
@@ -105,9 +104,10 @@ def main(argv: list[str] | None = None) -> int:
             recipe = load_recipe(path)
         except ConfigError as err:
             parser.error(str(err))
-        budget = args.tokens or recipe.tokens
-        if not budget or not math.isfinite(budget):
-            parser.error(f"{path}: no token budget; give --tokens or `tokens:` in the recipe")
+        try:
+            budget = stage_token_budget(args.tokens, recipe, f"{path} (or --tokens)")
+        except ConfigError as err:
+            parser.error(str(err))
         available = [tokens_in_source(s) for s in recipe.sources]
         plan = plan_stage(recipe, budget, [t or 0 for t in available])
         plans.append((plan, available))

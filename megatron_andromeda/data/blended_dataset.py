@@ -16,27 +16,43 @@ import torch
 from megatron_andromeda.data.index_helpers import build_blending_indices, build_exhaustive_blending_indices
 
 
+def _shares(weights: Sequence[float] | np.ndarray) -> np.ndarray:
+    """The weights as float64, checked to be shares (data.blend.Blend normalises them, once)."""
+    w = np.asarray(weights, dtype=np.float64)
+    if w.ndim != 1 or w.size == 0 or np.any(w < 0) or not np.isclose(w.sum(), 1.0, rtol=0, atol=1e-9):
+        raise ValueError(
+            f"blend weights must be shares summing to 1 (see data.blend.Blend), got {w.tolist()}"
+        )
+    return w
+
+
 def samples_needed(weights: Sequence[float] | np.ndarray, size: int) -> np.ndarray:
     """How many samples each source must provide for a blend of `size` (an upper bound by <= 1).
 
     The blend never takes more than weight * size + 1 samples from a source, so floor(w * size) + 1
     always suffices; building the sources this size avoids building the blend twice.
     """
-    w = np.asarray(weights, dtype=np.float64)
-    w = w / w.sum()
+    w = _shares(weights)
     return np.where(w > 0, np.floor(w * size + 1e-6).astype(np.int64) + 1, 0)
 
 
 class BlendedDataset(torch.utils.data.Dataset):
-    """`size` samples drawn from `datasets` in proportion to `weights` (normalised here)."""
+    """`size` samples drawn from `datasets` in proportion to `weights` (shares summing to 1).
+
+    `names` label the sources in per-source losses and reports (default: source0, source1, ...).
+    """
 
     def __init__(
-        self, datasets: Sequence[torch.utils.data.Dataset], weights: Sequence[float], size: int
+        self,
+        datasets: Sequence[torch.utils.data.Dataset],
+        weights: Sequence[float],
+        size: int,
+        names: Sequence[str] | None = None,
     ) -> None:
         if len(datasets) != len(weights):
             raise ValueError(f"{len(datasets)} datasets but {len(weights)} weights")
-        weights = np.asarray(weights, dtype=np.float64)
-        self._setup(datasets, weights / weights.sum(), *build_blending_indices(weights, size))
+        shares = _shares(weights)
+        self._setup(datasets, shares, *build_blending_indices(shares, size), names=names)
 
     @classmethod
     def from_sample_counts(
@@ -47,7 +63,8 @@ class BlendedDataset(torch.utils.data.Dataset):
             raise ValueError(f"{len(datasets)} datasets but {len(counts)} sample counts")
         counts = np.asarray(counts, dtype=np.int64)
         blend = cls.__new__(cls)
-        blend._setup(datasets, counts / counts.sum(), *build_exhaustive_blending_indices(counts))
+        dataset_index, sample_index = build_exhaustive_blending_indices(counts)
+        blend._setup(datasets, counts / counts.sum(), dataset_index, sample_index)
         return blend
 
     @classmethod
@@ -66,10 +83,12 @@ class BlendedDataset(torch.utils.data.Dataset):
         weights: np.ndarray,
         dataset_index: np.ndarray,
         dataset_sample_index: np.ndarray,
+        names: Sequence[str] | None = None,
     ) -> None:
         self.datasets = list(datasets)
-        # Labels of the sources for per-source logging (the builder sets them from the prefixes).
-        self.source_names = [f"source{k}" for k in range(len(self.datasets))]
+        self.source_names = list(names) if names is not None else [f"source{k}" for k in range(len(datasets))]
+        if len(self.source_names) != len(self.datasets):
+            raise ValueError(f"{len(self.datasets)} datasets but {len(self.source_names)} names")
         self.weights = weights
         self.dataset_index = dataset_index
         self.dataset_sample_index = dataset_sample_index

@@ -1,9 +1,7 @@
-"""Train/valid/test datasets from a `DataConfig`: Megatron-style blend lists of dataset prefixes.
+"""Train/valid/test datasets from the blends of a `DataConfig` (blend.py: a recipe or blend lists).
 
-A blend list is `["prefix"]`, `["0.7", "prefixA", "0.3", "prefixB"]` (weight, prefix pairs) or
-`["prefixA", "prefixB"]` (equal weights); a stage recipe (`data.recipe`, see recipe.py) expands to
-such lists. Every prefix is checked before any index is built: the
-files exist, their structure is sound, and the largest token id fits `model.vocab_size`.
+Every prefix is checked before any index is built: the files exist, their structure is sound,
+and the largest token id fits `model.vocab_size`.
 `check_training_data` runs the tokenizer checks of checks.py on every dataset of every stage,
 before any process group exists.
 """
@@ -12,51 +10,24 @@ from __future__ import annotations
 
 import os
 from collections.abc import Sequence
-from pathlib import Path
 
 import numpy as np
 import torch
 import torch.distributed as dist
 
 from megatron_andromeda.config import ConfigError, DataConfig, RunConfig
+from megatron_andromeda.data.blend import SPLITS, Blend, resolve_blends
 from megatron_andromeda.data.blended_dataset import BlendedDataset, samples_needed
 from megatron_andromeda.data.checks import DataUse, check_datasets, default_cache_dir, token_range
 from megatron_andromeda.data.gpt_dataset import GPTDataset
 from megatron_andromeda.data.indexed_dataset import DatasetError, IndexedDataset, dataset_exists
-from megatron_andromeda.data.recipe import resolve_data_config
 from megatron_andromeda.data.tokenizer import Tokenizer, load_tokenizer
 from megatron_andromeda.sft.dataset import SFTDataset, sft_prefixes
-
-SPLITS = ("train", "valid", "test")
 
 
 def is_chat_dataset(prefix: str) -> bool:
     """Chat data (tools/preprocess_chat.py) carries a loss-mask sibling: packed, masked SFT samples."""
     return dataset_exists(sft_prefixes(prefix)[1])
-
-
-def parse_blend(entries: list[str], field: str) -> list[tuple[float, str]]:
-    """(weight, prefix) pairs from a blend list; `field` names the config field in errors."""
-    if not entries:
-        return []
-    try:
-        float(entries[0])
-    except ValueError:
-        return [(1.0, prefix) for prefix in entries]  # prefixes only: equal weights
-    if len(entries) % 2:
-        raise ValueError(f"{field}: a weighted blend alternates weight, prefix; got {len(entries)} entries")
-    pairs = []
-    for weight, prefix in zip(entries[::2], entries[1::2]):
-        try:
-            value = float(weight)
-        except ValueError:
-            raise ValueError(f"{field}: {weight!r} should be a weight before prefix {prefix!r}") from None
-        if not value >= 0:
-            raise ValueError(f"{field}: weight {weight} for {prefix!r} must be >= 0")
-        pairs.append((value, prefix))
-    if sum(w for w, _ in pairs) <= 0:
-        raise ValueError(f"{field}: the weights sum to zero")
-    return pairs
 
 
 def open_checked(prefix: str, vocab_size: int, field: str, cache_dir: str = "") -> IndexedDataset:
@@ -79,7 +50,11 @@ def open_checked(prefix: str, vocab_size: int, field: str, cache_dir: str = "") 
     return dataset
 
 
-def check_training_data(configs: Sequence[RunConfig], stage_labels: Sequence[str] = ()) -> None:
+def check_training_data(
+    configs: Sequence[RunConfig],
+    stage_labels: Sequence[str] = (),
+    blends: Sequence[dict[str, Blend]] | None = None,
+) -> None:
     """Check every dataset that a run (or each of its stages, one config each) will read against
     the run's tokenizer: same tokenizer as the sidecar records (unless
     data.allow_tokenizer_mismatch), token ids below its vocabulary, and no empty dataset that must
@@ -98,15 +73,11 @@ def check_training_data(configs: Sequence[RunConfig], stage_labels: Sequence[str
             return  # the run's own input checks report a missing tokenizer
         if path not in tokenizers:
             tokenizers[path] = load_tokenizer(path)
-        data_cfg = resolve_data_config(cfg.data)
-        uses = [
-            DataUse(prefix, f"{where}data.train", weight > 0)
-            for weight, prefix in parse_blend(data_cfg.train, "data.train")
-        ]
+        split_blends = blends[i] if blends is not None else resolve_blends(cfg.data)
+        uses = [DataUse(s.prefix, f"{where}data.train", s.weight > 0) for s in split_blends["train"].sources]
         if cfg.train.eval_batches > 0:
             uses += [
-                DataUse(prefix, f"{where}data.valid", weight > 0)
-                for weight, prefix in parse_blend(data_cfg.valid, "data.valid")
+                DataUse(s.prefix, f"{where}data.valid", s.weight > 0) for s in split_blends["valid"].sources
             ]
         check_datasets(
             uses, tokenizers[path], override="data.allow_tokenizer_mismatch=true",
@@ -122,35 +93,36 @@ def build_datasets(
     seq_length: int,
     vocab_size: int,
     group: dist.ProcessGroup | None = None,
+    blends: dict[str, Blend] | None = None,
 ) -> tuple[torch.utils.data.Dataset | None, ...]:
-    """(train, valid, test) datasets; a split with an empty list or zero samples is None.
+    """(train, valid, test) datasets; a split with no sources or zero samples is None.
 
-    `group` is the process group whose rank 0 builds index caches (default: the world). A
-    `data.recipe` is first expanded into blend lists (token budgets become weights by share).
+    `blends` are the run's resolved blends (default: `resolve_blends(data_cfg)`); `group` is the
+    process group whose rank 0 builds index caches (default: the world).
     """
-    data_cfg = resolve_data_config(data_cfg)
+    blends = blends if blends is not None else resolve_blends(data_cfg)
     opened: dict[str, IndexedDataset] = {}
     out = []
     for split, n in zip(SPLITS, num_samples):
-        blend = parse_blend(getattr(data_cfg, split), f"data.{split}")
+        blend = blends[split]
         if not blend or n <= 0:
             out.append(None)
             continue
-        for _, prefix in blend:
+        for prefix in blend.prefixes:
             if prefix not in opened:
-                opened[prefix] = open_checked(prefix, vocab_size, f"data.{split}", data_cfg.cache_dir)
+                opened[prefix] = open_checked(prefix, vocab_size, blend.field, data_cfg.cache_dir)
         out.append(_build_split(data_cfg, tokenizer, split, blend, opened, n, seq_length, group))
     return tuple(out)
 
 
-def check_chat_mix(data_cfg: DataConfig, split: str, blend: list[tuple[float, str]]) -> None:
+def check_chat_mix(data_cfg: DataConfig, split: str, blend: Blend) -> None:
     """Chat and plain sources in one blend need per-document positions and attention for both.
 
     Chat samples always carry `segment_ids` and restarted `position_ids`; plain samples carry them
     only with both reset flags, and a batch needs the same fields in every sample.
     """
-    chat = [prefix for _, prefix in blend if is_chat_dataset(prefix)]
-    plain = [prefix for _, prefix in blend if prefix not in chat]
+    chat = [prefix for prefix in blend.prefixes if is_chat_dataset(prefix)]
+    plain = [prefix for prefix in blend.prefixes if prefix not in chat]
     if chat and plain and not (data_cfg.reset_attention_mask and data_cfg.reset_position_ids):
         raise ConfigError(
             f"data.{split} mixes chat datasets ({chat[0]}) with plain ones ({plain[0]}): set "
@@ -164,17 +136,16 @@ def _build_split(
     data_cfg: DataConfig,
     tokenizer: Tokenizer,
     split: str,
-    blend: list[tuple[float, str]],
+    blend: Blend,
     opened: dict[str, IndexedDataset],
     num_samples: int,
     seq_length: int,
     group: dist.ProcessGroup | None,
 ) -> torch.utils.data.Dataset:
     check_chat_mix(data_cfg, split, blend)
-    weights = [w for w, _ in blend]
-    per_source = [num_samples] if len(blend) == 1 else samples_needed(weights, num_samples).tolist()
+    per_source = [num_samples] if len(blend) == 1 else samples_needed(blend.weights, num_samples).tolist()
     sources = []
-    for (_, prefix), n in zip(blend, per_source):
+    for prefix, n in zip(blend.prefixes, per_source):
         if is_chat_dataset(prefix):
             pad_id = tokenizer.pad_id if tokenizer.pad_id is not None else tokenizer.eod_id
             sources.append(SFTDataset(prefix, seq_length, pad_id, seed=data_cfg.seed, num_samples=int(n)))
@@ -199,16 +170,4 @@ def _build_split(
         )
     if len(sources) == 1:
         return sources[0]
-    blended = BlendedDataset(sources, weights, num_samples)
-    blended.source_names = source_labels([prefix for _, prefix in blend])
-    return blended
-
-
-def source_labels(prefixes: list[str]) -> list[str]:
-    """Short unique names for logging: 'en' for data/c4/en_text_document, 'c4/en' if 'en' repeats."""
-    parts = [Path(p.removesuffix("_text_document")).parts for p in prefixes]
-    for depth in range(1, max(len(p) for p in parts) + 1):
-        labels = ["/".join(p[-depth:]) for p in parts]
-        if len(set(labels)) == len(labels):
-            return labels
-    return [f"{k}:{label}" for k, label in enumerate(labels)]  # the same prefix listed twice
+    return BlendedDataset(sources, blend.weights, num_samples, names=blend.names)

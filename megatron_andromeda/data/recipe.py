@@ -26,7 +26,8 @@ from pathlib import Path
 
 import yaml
 
-from megatron_andromeda.config import ConfigError, DataConfig
+from megatron_andromeda.data.blend import Blend, normalise
+from megatron_andromeda.errors import ConfigError
 
 SPLIT_SUFFIX = {
     "train": "_train_text_document",
@@ -68,24 +69,23 @@ class Source:
 class Recipe:
     name: str
     sources: list[Source]
-    tokens: float | None = None
+    tokens: float | None = None  # the stage's token budget, unless the stage config gives its own
     description: str = ""
     path: str = ""
 
     def weights(self) -> list[float]:
-        """Normalised sampling shares, from weights or from token budgets."""
-        raw = [s.weight if s.weight is not None else s.tokens for s in self.sources]
-        total = sum(raw)
-        return [w / total for w in raw]
+        """Sampling shares of every source, from weights or from token budgets."""
+        return normalise([s.weight if s.weight is not None else s.tokens for s in self.sources], self.path)
 
-    def blend(self, split: str) -> list[str]:
-        """A Megatron blend list (weight, prefix, ...) for one split; sources without that split drop out."""
-        entries: list[str] = []
-        for source, weight in zip(self.sources, self.weights()):
+    def blend(self, split: str) -> Blend:
+        """The blend of one split, named by the recipe's sources; sources without that split drop out."""
+        entries = []
+        for source in self.sources:
+            raw = source.weight if source.weight is not None else source.tokens
             dataset = source.dataset(split)
-            if dataset and weight > 0 and (split == "train" or Path(dataset + ".idx").exists()):
-                entries += [repr(weight), dataset]
-        return entries
+            if dataset and raw > 0 and (split == "train" or Path(dataset + ".idx").exists()):
+                entries.append((source.name, dataset, raw))
+        return Blend.of(entries, f"recipe {self.path or self.name}: {split}")
 
 
 def load_recipe(path: str | Path) -> Recipe:
@@ -117,6 +117,22 @@ def load_recipe(path: str | Path) -> Recipe:
     return Recipe(raw.get("name", path.stem), sources, tokens, raw.get("description", ""), str(path))
 
 
+def stage_token_budget(tokens: float | None, recipe: Recipe | None, where: str) -> float:
+    """A stage's token budget, owned by one rule: the stage's own `tokens`, else its recipe's `tokens:`.
+
+    Training (`stages[i].tokens` or the recipe) and tools/plan_data.py (`--tokens` or the recipe)
+    both ask here.
+    """
+    budget = tokens if tokens is not None else (recipe.tokens if recipe is not None else None)
+    if budget is None:
+        raise ConfigError(
+            f"{where}: no token budget: give `tokens` (or `steps`) for the stage, or `tokens:` in its recipe"
+        )
+    if not (budget > 0 and budget != float("inf")):
+        raise ConfigError(f"{where}: the token budget must be a positive number, got {budget}")
+    return float(budget)
+
+
 def _check_source(source: Source, where: str) -> None:
     if not source.prefix and not source.train:
         raise ConfigError(f"{where} ({source.name}) needs `prefix` (or an explicit `train` dataset)")
@@ -125,20 +141,6 @@ def _check_source(source: Source, where: str) -> None:
     value = source.weight if source.weight is not None else source.tokens
     if value < 0:
         raise ConfigError(f"{where} ({source.name}): weight/tokens must be >= 0")
-
-
-def resolve_data_config(data_cfg: DataConfig) -> DataConfig:
-    """The DataConfig with `recipe` expanded into train / valid / test blend lists."""
-    if not data_cfg.recipe:
-        return data_cfg
-    recipe = load_recipe(data_cfg.recipe)
-    return dataclasses.replace(
-        data_cfg,
-        recipe="",
-        train=recipe.blend("train"),
-        valid=data_cfg.valid or recipe.blend("valid"),
-        test=data_cfg.test or recipe.blend("test"),
-    )
 
 
 @dataclass

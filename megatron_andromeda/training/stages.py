@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from megatron_andromeda.config import RunConfig, StageConfig
+from megatron_andromeda.data.recipe import load_recipe, stage_token_budget
 
 
 @dataclass
@@ -30,15 +31,18 @@ class StagePlan:
         return f"{self.index}-{self.stage.name}"
 
 
-def stage_steps(cfg: RunConfig, stage: StageConfig) -> int:
+def stage_steps(cfg: RunConfig, stage: StageConfig, index: int) -> int:
+    """The stage's steps, or its token budget (the stage's, else its recipe's) in whole global batches."""
     if stage.steps is not None:
         return stage.steps
-    return math.ceil(stage.tokens / (cfg.train.global_batch_size * cfg.data.seq_length))
+    recipe = load_recipe(stage.recipe) if stage.recipe and stage.tokens is None else None
+    budget = stage_token_budget(stage.tokens, recipe, f"stages[{index}] ({stage.name})")
+    return math.ceil(budget / (cfg.train.global_batch_size * cfg.data.seq_length))
 
 
 def plan_stages(cfg: RunConfig) -> list[StagePlan]:
     """One derived RunConfig per stage, validated; the learning-rate bookkeeping across stages."""
-    steps = [stage_steps(cfg, stage) for stage in cfg.stages]
+    steps = [stage_steps(cfg, stage, i) for i, stage in enumerate(cfg.stages)]
     plans, done = [], 0
     for i, (stage, n) in enumerate(zip(cfg.stages, steps)):
         label = f"{i}-{stage.name}"
