@@ -76,6 +76,13 @@ def build_parser() -> argparse.ArgumentParser:
     dedup.add_argument("--minhash-threshold", type=float, default=0.8, help="Jaccard similarity of near-dups")
     dedup.add_argument("--minhash-perm", type=int, default=128, help="MinHash signature length")
     dedup.add_argument("--minhash-ngram", type=int, default=5, help="words per shingle")
+    dedup.add_argument(
+        "--near-dup-dir",
+        default=None,
+        metavar="WORK_DIR",
+        help="drop the near-duplicates a finished tools/neardup.py run found across all of its inputs "
+        "(this run's inputs must be among them; replaces the in-process MinHash)",
+    )
     p.add_argument("--max-samples", type=int, default=10, help="file:line samples kept per drop reason")
     return p  # fmt: skip
 
@@ -97,7 +104,7 @@ def _cleaning(args: argparse.Namespace) -> CleaningConfig | None:
 
 def config_from_args(args: argparse.Namespace) -> PreprocessConfig:
     minhash = None
-    if not (args.no_dedup or args.no_near_dedup):
+    if not (args.no_dedup or args.no_near_dedup or args.near_dup_dir):
         minhash = MinHasher(
             num_perm=args.minhash_perm, ngram=args.minhash_ngram, threshold=args.minhash_threshold
         )
@@ -117,6 +124,7 @@ def config_from_args(args: argparse.Namespace) -> PreprocessConfig:
         minhash=minhash,
         chunk_bytes=int(args.chunk_mb * (1 << 20)),
         max_samples=args.max_samples,
+        near_dup_dir=args.near_dup_dir,
     )
 
 
@@ -133,3 +141,7 @@ def main(argv: list[str] | None = None) -> int:
         print(line)
     print(f"sidecar: {config.sidecar_path()}")
     return 0
+
+
+# tools/neardup.py takes the same cleaning flags: its signature stage must keep the same records.
+cleaning_from_args = _cleaning
