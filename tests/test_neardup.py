@@ -114,6 +114,12 @@ def test_candidate_pairs_link_each_bucket_to_its_first_member():
     keys = np.array([7, 3, 7, 9, 3, 7, 5], dtype=np.uint64)
     assert sorted(map(tuple, candidate_pairs(keys).tolist())) == [(0, 2), (0, 5), (1, 4)]
     assert candidate_pairs(np.zeros(0, dtype=np.uint64)).shape == (0, 2)
+    keys = np.random.default_rng(0).integers(0, 40, size=500).astype(np.uint64)  # buckets of all sizes
+    expected = []
+    for key in np.unique(keys):
+        members = np.flatnonzero(keys == key).tolist()
+        expected += [(members[0], m) for m in members[1:]]
+    assert sorted(map(tuple, candidate_pairs(keys).tolist())) == sorted(expected)
 
 
 def test_one_and_three_inputs_drop_the_same_documents(tmp_path):
@@ -193,7 +199,7 @@ def test_settings_mismatches_are_refused_with_file_and_field(tmp_path, capsys):
     run_all(plan, log=False)
     with pytest.raises(
         NearDupError,
-        match=r"a/plan.json: made with other settings \(bands is 16, asked for 8; rows is 8, asked for 16",
+        match=r"a/plan.json: made with other settings \(bands is 16, asked for 8; rows is 7, asked for 16",
     ):
         init_plan(str(tmp_path / "a"), files, NearDupSettings(cleaning=None, bands=8, rows=16))
     other = init_plan(

@@ -86,6 +86,6 @@ def test_tools_write_and_score_a_benchmark(texts, tmp_path, capsys):
     assert "8 bands x 16 rows" in printed and "F1" in printed and "duplicate/" in printed
     assert quality.main(["--benchmark", str(out), "--sweep", "--top", "3"]) == 0
     printed = capsys.readouterr().out
-    assert "best F1 per rows" in printed and "default 16 x 8: F1" in printed
+    assert "best F1 per rows" in printed and "default 16 x 7: F1" in printed
     assert load_tool("make_neardup_benchmark").main(["--output", str(out), "--related-range", "0.6,0.9"]) == 2
     assert "must lie below --duplicate-range" in capsys.readouterr().err

@@ -18,6 +18,9 @@ PREFIX_KEY_document with --no-split or a single non-zero split), with exact dedu
 beside each (16 bytes per document: tools/merge_datasets.py deduplicates runs against each other
 with them), and the sidecar PREFIX.json, written last: a run is complete when its sidecar exists.
 
+near-duplicates across machines: run tools/neardup.py over every input first, then give each run
+--near-dup-dir WORK_DIR (with the same --json-keys and cleaning flags as the near-dup run).
+
 cleaning options (--clean-set NAME=VALUE, 'none' switches a rule off): see CleaningConfig in
 megatron_andromeda/preprocess/cleaning.py, e.g. --clean-set min_alpha_words_ratio=none
 --clean-set max_duplicate_ngram_chars_ratio=5:0.2,10:0.1

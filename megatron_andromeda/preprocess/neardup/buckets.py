@@ -6,7 +6,8 @@ N. In a band, the documents that share a key form a bucket; each member is paire
 bucket's first (lowest-numbered) member, which links the bucket with one pair per member instead
 of one per pair of members. Pairs found by several bands of the task are written once.
 
-Memory: one band of keys for the whole corpus (8 bytes per document) and its sort order.
+Memory: one band of keys for the whole corpus and its sort order (8 + 8 bytes per document, 8
+more while sorting), plus the pairs.
 """
 
 from __future__ import annotations
@@ -30,10 +31,14 @@ def candidate_pairs(keys: np.ndarray) -> np.ndarray:
     first member is the lowest index with that key."""
     order = np.argsort(keys, kind="stable")  # equal keys keep index order: the bucket's first is lowest
     ordered = keys[order]
-    starts = np.ones(keys.size, dtype=bool)
-    starts[1:] = ordered[1:] != ordered[:-1]
-    first = order[np.flatnonzero(starts)][np.cumsum(starts) - 1]  # (N,) bucket's first, in sort order
-    return np.stack([first[~starts], order[~starts]], axis=1).astype(np.int64)
+    repeats = np.flatnonzero(ordered[1:] == ordered[:-1]) + 1  # sorted positions repeating the key before
+    del ordered  # from here on, memory is the sort order plus O(pairs)
+    # Repeats of one bucket are consecutive positions; a gap starts the next bucket, whose first
+    # member sits just before its first repeat.
+    new_bucket = np.ones(repeats.size, dtype=bool)
+    new_bucket[1:] = repeats[1:] != repeats[:-1] + 1
+    first = (repeats[new_bucket] - 1)[np.cumsum(new_bucket) - 1]
+    return np.stack([order[first], order[repeats]], axis=1).astype(np.int64)
 
 
 def unique_pairs(pairs: np.ndarray, documents: int) -> np.ndarray:
@@ -51,12 +56,15 @@ def document_counts(signature_markers: list[dict]) -> np.ndarray:
 
 def band_keys(plan: Plan, signature_markers: list[dict], band: int) -> np.ndarray:
     """(N,) uint64: one band's keys of every document, in global order."""
-    parts = []
-    for marker in signature_markers:
-        shape = (plan.settings.bands, marker["documents"]["kept"])
+    counts = document_counts(signature_markers)
+    out = np.empty(int(counts.sum()), dtype=np.uint64)
+    first = 0
+    for marker, count in zip(signature_markers, counts):
+        shape = (plan.settings.bands, int(count))
         keys = load_output(plan, "signatures", marker["outputs"]["keys"], shape, np.dtype(np.uint64))
-        parts.append(np.asarray(keys[band]))
-    return np.concatenate(parts) if parts else np.zeros(0, dtype=np.uint64)
+        out[first : first + count] = keys[band]  # one contiguous slice of the band-major file
+        first += count
+    return out
 
 
 def bucket_task(plan: Plan, task: int) -> dict:
