@@ -213,6 +213,14 @@ def test_settings_mismatches_are_refused_with_file_and_field(tmp_path, capsys):
     assert main(["buckets", "--work-dir", other.work_dir]) == 2
     err = capsys.readouterr().err
     assert err.startswith("neardup.py: error:") and "Traceback" not in err
+    # A shard signed by another word hashing ("tokenizer" of the shingles) is refused the same way.
+    marker = Path(plan.marker_path("signatures", 1))
+    data = json.loads(marker.read_text())
+    data["settings"]["shingles"] = "words-v0"
+    marker.write_text(json.dumps(data))
+    with pytest.raises(NearDupError, match=r"a/signatures/00001.json: made with other settings \(shingles is "
+                       r"'words-v0', expected 'words-v1"):  # fmt: skip
+        run_stage(plan, "buckets", log=False)
 
 
 def test_missing_or_truncated_outputs_are_named(tmp_path):

@@ -97,6 +97,8 @@ def test_preprocessing_refuses_drop_lists_that_do_not_fit(tmp_path, tokenizer_pa
         preprocess(tmp_path / "o", files, tokenizer_path, nd, cleaning=None)
     with pytest.raises(NearDupError, match=rf"{whole}: not an input of the near-dup run"):
         preprocess(tmp_path / "o", [whole], tokenizer_path, nd)
+    with pytest.raises(NearDupError, match=r"--json-keys \['body'\]: the near-dup run .* read \['text'\]"):
+        preprocess(tmp_path / "o", files, tokenizer_path, nd, json_keys=("body",))
     with pytest.raises(ValueError, match="switch the in-process MinHash off"):
         preprocess(tmp_path / "o", files, tokenizer_path, nd, minhash=MinHasher())
 
