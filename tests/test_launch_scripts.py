@@ -7,7 +7,11 @@ and the layouts are validated as a launch of that size would validate them.
 
 from __future__ import annotations
 
+import argparse
+import json
 import os
+import re
+import shlex
 import subprocess
 import sys
 from pathlib import Path
@@ -142,3 +146,94 @@ def test_sbatch_asks_the_planner_for_other_gpus():
     run = load_config(train.config, train.overrides)
     validate_layout(run.parallel, run.model, 12, run.data.seq_length)
     assert any(o.startswith("train.micro_batch_size=") for o in train.overrides)
+
+
+# ------------------------------------------------------------------ Slurm directives and the dedup arrays
+def _slurm_time(value: str) -> str:
+    if not re.fullmatch(r"(\d+-)?\d{1,2}(:\d{2}){0,2}", value):
+        raise ValueError(value)
+    return value
+
+
+def _slurm_mem(value: str) -> str:
+    if not re.fullmatch(r"\d+[KMGT]?", value):
+        raise ValueError(value)
+    return value
+
+
+def _slurm_array(value: str) -> str:
+    if not re.fullmatch(r"\d+(-\d+)?(,\d+(-\d+)?)*(%\d+)?", value):
+        raise ValueError(value)
+    return value
+
+
+def sbatch_parser() -> argparse.ArgumentParser:
+    """The sbatch options our scripts use, with sbatch's value formats."""
+    p = argparse.ArgumentParser(prog="sbatch", exit_on_error=False)
+    for name in ("--nodes", "--ntasks", "--ntasks-per-node", "--gpus-per-node", "--cpus-per-task"):
+        p.add_argument(name, type=int)
+    for name in ("--job-name", "--output", "--export", "--partition", "--account"):
+        p.add_argument(name)
+    p.add_argument("--time", type=_slurm_time)
+    p.add_argument("--mem", type=_slurm_mem)
+    p.add_argument("--array", type=_slurm_array)
+    p.add_argument("--dependency", type=lambda v: re.fullmatch(r"afterok:[\w-]+(:[\w-]+)*", v).group(0))
+    p.add_argument("--exclusive", action="store_true")
+    p.add_argument("--parsable", action="store_true")
+    p.add_argument("script", nargs="?")
+    return p
+
+
+def parse_sbatch(argv: list[str]) -> argparse.Namespace:
+    args, unknown = sbatch_parser().parse_known_args(argv)
+    assert not unknown, f"unknown sbatch options {unknown}"
+    return args
+
+
+@pytest.mark.parametrize("script", sorted(LAUNCH.glob("*.sbatch")), ids=lambda p: p.name)
+def test_sbatch_directives_parse(script):
+    lines = script.read_text().splitlines()
+    first_command = next(i for i, line in enumerate(lines) if line.strip() and not line.startswith("#"))
+    directives = [line.split(None, 1)[1] for line in lines if line.startswith("#SBATCH")]
+    assert directives and not any(line.startswith("#SBATCH") for line in lines[first_command:])
+    args = parse_sbatch(directives)  # Slurm reads directives up to the first command only
+    assert args.job_name and args.time and args.output
+
+
+def test_dedup_sbatch_submits_chained_arrays_that_run_the_stages(tmp_path):
+    from megatron_andromeda.preprocess.neardup.cli import build_parser
+
+    inputs = []
+    for p in range(3):
+        inputs.append(tmp_path / f"in{p}.jsonl")
+        texts = [f"document {p}-{i} of three, " * 30 for i in range(5)]
+        texts[4] = texts[0] if p == 2 else texts[4]  # in2.jsonl:5 repeats in2.jsonl:1
+        inputs[-1].write_text("".join(json.dumps({"text": t}) + "\n" for t in texts))
+    work = str(tmp_path / "nd")
+    env = dict(WORK_DIR=work, INPUT=str(tmp_path / "in*.jsonl"), PYTHON=sys.executable, MAX_ARRAY="3",
+               NEARDUP_ARGS="--no-clean --bands 4 --rows 32")  # fmt: skip
+    result = run_script(LAUNCH / "dedup.sbatch", **env)
+    assert result.returncode == 0, result.stderr
+    submitted = [shlex.split(line)[1:] for line in result.stderr.splitlines() if line.startswith("sbatch ")]
+    jobs = [parse_sbatch(argv) for argv in submitted]
+    assert [j.array for j in jobs] == ["0-2", "0-2", "0-0"]  # 3 inputs; 4 bands in arrays of <= 3; 1
+    assert [j.dependency for j in jobs] == [None, "afterok:dry-signatures", "afterok:dry-buckets"]
+    assert all(j.script == "examples/launch/dedup.sbatch" and j.parsable for j in jobs)
+    for job in jobs:  # play Slurm: every array task of every stage, in dependency order, for real
+        exports = dict(item.split("=", 1) for item in job.export.split(",")[1:])
+        first, last = map(int, job.array.split("-"))
+        for task in range(first, last + 1):
+            printed = run_script(LAUNCH / "dedup.sbatch", **exports, SLURM_ARRAY_TASK_ID=str(task))
+            argv = printed.stdout.split()
+            args = build_parser().parse_args(argv[2:])
+            assert argv[1] == "tools/neardup.py" and (args.task, args.work_dir) == (task, work)
+            ran = subprocess.run(argv, cwd=ROOT, capture_output=True, text=True)
+            assert ran.returncode == 0, ran.stderr
+    report = json.loads((tmp_path / "nd" / "clusters" / "report.json").read_text())
+    assert report["documents"]["in"] == 15 and report["documents"]["dropped"] == 1
+    assert report["sample_clusters"][0]["dropped"] == [f"{inputs[2]}:5"]
+
+
+def test_dedup_sbatch_needs_a_work_dir():
+    result = run_script(LAUNCH / "dedup.sbatch")
+    assert result.returncode != 0 and "WORK_DIR" in result.stderr

@@ -8,8 +8,10 @@
 
 With runs, every split and key is merged (out/corpus_train_text_document, ...) and out/corpus.json
 holds the summed counts and the runs it came from. Runs made with exact dedup (the default) are also
-deduplicated against each other, in the order given; near-duplicates only within each run
-(`dedup_scope` in the sidecar). The runs must share tokenizer, dtype, keys, split and EOD setting.
+deduplicated against each other, in the order given; near-duplicates only within each run, unless the
+runs applied one tools/neardup.py run's drop lists (--near-dup-dir), which span all of its inputs
+(`dedup_scope` in the sidecar). The runs must share tokenizer, dtype, keys, split, EOD setting and
+near-dup run.
 """
 
 from __future__ import annotations

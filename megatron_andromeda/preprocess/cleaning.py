@@ -214,3 +214,15 @@ def quality_reason(text: str, config: CleaningConfig, words: Words | None = None
     if words is None:
         words = split_words(text.encode("utf-8"), ascii_only=text.isascii())
     return _word_rules(words, config) or _line_rules(text, len(words), config) or _ngram_rules(words, config)
+
+
+def clean_record(
+    record: tuple[str, ...], config: CleaningConfig
+) -> tuple[tuple[str, ...], list[Words], str | None]:
+    """A record's texts normalised, the words of each, and the first quality rule one of them breaks
+    (None when the record is kept). The preprocessing workers and the near-dup signature stage both
+    decide a record's fate here, so they agree on which records are documents."""
+    cleaned = tuple(clean_text(t, config) for t in record)
+    words = [split_words(t.encode("utf-8"), t.isascii()) for t in cleaned]
+    reason = next((r for r in map(quality_reason, cleaned, repeat(config), words) if r), None)
+    return cleaned, words, reason

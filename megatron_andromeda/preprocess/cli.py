@@ -23,6 +23,9 @@ output that would overwrite an input is refused; globs skip sidecars and dataset
 truncated or damaged .gz/.zst input, or a run that keeps no document, fails (exit 2) and writes
 nothing; an empty split is written with a warning.
 
+near-duplicates across machines: run tools/neardup.py over every input first, then give each run
+--near-dup-dir WORK_DIR (with the same --json-keys and cleaning flags as the near-dup run).
+
 cleaning options (--clean-set NAME=VALUE, 'none' switches a rule off): see CleaningConfig in
 megatron_andromeda/preprocess/cleaning.py, e.g. --clean-set min_alpha_words_ratio=none
 --clean-set max_duplicate_ngram_chars_ratio=5:0.2,10:0.1
@@ -81,6 +84,13 @@ def build_parser() -> argparse.ArgumentParser:
     dedup.add_argument("--minhash-threshold", type=float, default=0.8, help="Jaccard similarity of near-dups")
     dedup.add_argument("--minhash-perm", type=int, default=128, help="MinHash signature length")
     dedup.add_argument("--minhash-ngram", type=int, default=5, help="words per shingle")
+    dedup.add_argument(
+        "--near-dup-dir",
+        default=None,
+        metavar="WORK_DIR",
+        help="drop the near-duplicates a finished tools/neardup.py run found across all of its inputs "
+        "(this run's inputs must be among them; replaces the in-process MinHash)",
+    )
     p.add_argument("--max-samples", type=int, default=10, help="file:line samples kept per drop reason")
     return p  # fmt: skip
 
@@ -102,7 +112,7 @@ def _cleaning(args: argparse.Namespace) -> CleaningConfig | None:
 
 def config_from_args(args: argparse.Namespace) -> PreprocessConfig:
     minhash = None
-    if not (args.no_dedup or args.no_near_dedup):
+    if not (args.no_dedup or args.no_near_dedup or args.near_dup_dir):
         minhash = MinHasher(
             num_perm=args.minhash_perm, ngram=args.minhash_ngram, threshold=args.minhash_threshold
         )
@@ -122,6 +132,7 @@ def config_from_args(args: argparse.Namespace) -> PreprocessConfig:
         minhash=minhash,
         chunk_bytes=int(args.chunk_mb * (1 << 20)),
         max_samples=args.max_samples,
+        near_dup_dir=args.near_dup_dir,
     )
 
 
@@ -140,3 +151,7 @@ def main(argv: list[str] | None = None) -> int:
     for warning in empty_split_warnings(report, None if args.no_split else args.split):
         print(warning, file=sys.stderr)
     return 0
+
+
+# tools/neardup.py takes the same cleaning flags: its signature stage must keep the same records.
+cleaning_from_args = _cleaning

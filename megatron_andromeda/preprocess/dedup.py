@@ -15,13 +15,14 @@ both on the reference corpus.
 from __future__ import annotations
 
 import hashlib
+from collections.abc import Sequence
 from dataclasses import dataclass
 from functools import cached_property
 
 import numpy as np
 
 from megatron_andromeda.preprocess.report import write_atomic
-from megatron_andromeda.preprocess.words import Words, splitmix64
+from megatron_andromeda.preprocess.words import Words, ngram_hashes, splitmix64
 
 _U64 = np.uint64
 _EMPTY_BIN = _U64(1 << 32)  # larger than any 32-bit bin value
@@ -139,11 +140,66 @@ class MinHasher:
 
     def band_keys(self, words: Words) -> np.ndarray:
         """(bands,) uint64: one hash per LSH band of the signature (the band index is mixed in)."""
-        bands, rows = self.bands
-        signature = self.signature(words)[: bands * rows].reshape(bands, rows)
-        weights = splitmix64(np.arange(1, rows + 1, dtype=np.uint64))  # (rows,)
-        band_ids = np.arange(bands, dtype=np.uint64) << _U64(40)
-        return splitmix64((signature * weights).sum(axis=1, dtype=np.uint64) ^ band_ids)
+        return band_hashes(self.signature(words)[None], *self.bands)[0]
+
+    def signatures(self, documents: Sequence[Words]) -> np.ndarray:
+        """(D, num_perm) uint64: `signature` of every document, computed for all of them at once.
+
+        Equal to `[self.signature(w) for w in documents]`, value for value, but each numpy pass
+        covers the shingles of every document: the per-call overhead that dominates `signature` on
+        documents of a few hundred words is paid once per batch (the near-dup stage's signatures,
+        `benchmarks/bench_neardup.py` measures the ratio)."""
+        out = np.zeros((len(documents), self.num_perm), dtype=np.uint64)
+        full = [i for i, w in enumerate(documents) if len(w) >= self.ngram]
+        for i, w in enumerate(documents):  # shorter than one shingle: their own n, one by one (rare)
+            if 0 < len(w) < self.ngram:
+                out[i] = self.signature(w)
+        if full:
+            out[full] = self._batch_signatures([documents[i].hashes for i in full])
+        return out
+
+    def _batch_signatures(self, word_hashes: list[np.ndarray]) -> np.ndarray:
+        """Signatures of documents of >= ngram words, from their word hashes."""
+        n = self.ngram
+        sizes = np.fromiter(map(len, word_hashes), dtype=np.int64, count=len(word_hashes))
+        grams = ngram_hashes(np.concatenate(word_hashes), n)  # every document's words back to back
+        # An n-gram starting in the last n - 1 words of a document runs into the next one: drop it.
+        inside = np.ones(grams.size + n - 1, dtype=bool)
+        ends = np.cumsum(sizes)[:-1]  # (D - 1,) first word of each next document
+        inside[(ends[:, None] - np.arange(1, n)).ravel()] = False
+        shingles = splitmix64(grams[inside[: grams.size]])  # (S,)
+        for_doc = np.repeat(np.arange(sizes.size), sizes - n + 1)  # (S,) document of each shingle
+        bins = ((shingles >> _U64(32)) * _U64(self.num_perm)) >> _U64(32)
+        flat = np.full(sizes.size * self.num_perm, _EMPTY_BIN, dtype=np.uint64)
+        np.minimum.at(flat, for_doc * self.num_perm + bins.astype(np.int64), shingles & _U64(0xFFFFFFFF))
+        return self._densify_batch(flat.reshape(sizes.size, self.num_perm))
+
+    def _densify_batch(self, signatures: np.ndarray) -> np.ndarray:
+        """`_densify` of every row: an empty bin's probe sequence depends on the bin alone."""
+        filled = signatures != _EMPTY_BIN
+        docs, empty = np.nonzero(~filled)
+        out = signatures.copy()
+        attempt = 0
+        while empty.size:
+            attempt += 1
+            probe = splitmix64((empty.astype(np.uint64) << _U64(32)) | _U64(attempt)) % _U64(self.num_perm)
+            probe = probe.astype(np.intp)
+            hit = filled[docs, probe]
+            out[docs[hit], empty[hit]] = signatures[docs[hit], probe[hit]]
+            docs, empty = docs[~hit], empty[~hit]
+        return out
+
+
+def band_hashes(signatures: np.ndarray, bands: int, rows: int) -> np.ndarray:
+    """(D, bands) uint64 LSH keys of (D, >= bands x rows) signatures: one hash of each band's rows,
+    with the band index mixed in so that equal rows in different bands never share a key."""
+    if bands * rows > signatures.shape[1]:
+        raise ValueError(f"{bands} bands x {rows} rows need {bands * rows} hashes, signatures have "
+                         f"{signatures.shape[1]}")  # fmt: skip
+    grouped = signatures[:, : bands * rows].reshape(signatures.shape[0], bands, rows)
+    weights = splitmix64(np.arange(1, rows + 1, dtype=np.uint64))  # (rows,)
+    band_ids = np.arange(bands, dtype=np.uint64) << _U64(40)
+    return splitmix64((grouped * weights).sum(axis=2, dtype=np.uint64) ^ band_ids)
 
 
 class LSHIndex:

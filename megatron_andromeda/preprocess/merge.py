@@ -7,8 +7,9 @@ would have put it. `merge_runs` then concatenates, per split and key, the runs' 
 order given and writes a sidecar whose counts are the sums. Runs made with exact dedup keep each
 written document's digest (`PREFIX_..._document.digests`), so the merge also drops a document that
 an earlier run already holds: merging the runs of files A and B then gives byte for byte what one
-run over A then B writes. Near-duplicates (MinHash) are removed within each run only; the merged
-sidecar's `dedup_scope` says which.
+run over A then B writes. Near-duplicates (MinHash) are removed within each run only, unless the runs
+applied the drop lists of one near-dup run (`tools/neardup.py`, `--near-dup-dir`), which span all of
+its inputs; the merged sidecar's `dedup_scope` says which.
 
 Everything is written atomically: the datasets through `IndexedDatasetWriter` (temporary names,
 renamed at the end), the sidecar last.
@@ -29,7 +30,8 @@ from megatron_andromeda.preprocess.report import write_json_atomic
 
 # Sidecar fields that must agree between runs for their datasets to be one dataset.
 MUST_AGREE = ("version", "tokenizer.sha256", "tokenizer.vocab_size", "tokenizer.eod_id", "dtype")
-OPTIONS_MUST_AGREE = ("json_keys", "split", "append_eod")
+# A near-dup run's drop lists span its inputs: runs that applied different ones (or none) are refused.
+OPTIONS_MUST_AGREE = ("json_keys", "split", "append_eod", "near_dup.run_id")
 
 
 def read_sidecar(run_prefix: str) -> dict:
@@ -171,10 +173,7 @@ def _merged_sidecar(
     if keeps is not None:
         _count_cross_run_duplicates(run_prefixes, keeps, documents, dropped, max_samples)
     options = {**first["options"], "inputs": [i for s in sidecars for i in s["options"]["inputs"]]}
-    if keeps is None:
-        scope = "per run" if len(sidecars) > 1 else "run"
-    else:
-        scope = "exact: across runs" + ("; near: per run" if first["options"].get("minhash") else "")
+    scope = _dedup_scope(first["options"], keeps is not None, len(sidecars))
     return json.loads(json.dumps({
         "version": first["version"],
         "tokenizer": first["tokenizer"],
@@ -192,6 +191,17 @@ def _merged_sidecar(
         "dedup_scope": scope,
         "seconds": round(sum(s.get("seconds", 0.0) for s in sidecars), 3),
     }))  # fmt: skip
+
+
+def _dedup_scope(options: dict, exact_across: bool, runs: int) -> str:
+    near_dup = options.get("near_dup")
+    near = f"near: across near-dup run {near_dup['run_id']}" if near_dup else None
+    if not exact_across:
+        exact = "per run" if runs > 1 else "run"
+        return f"{exact}; {near}" if near else exact
+    return "exact: across runs" + (
+        f"; {near}" if near else "; near: per run" if options.get("minhash") else ""
+    )
 
 
 def _count_cross_run_duplicates(

@@ -33,6 +33,7 @@ from megatron_andromeda.preprocess.dedup import (
     write_digests,
 )
 from megatron_andromeda.preprocess.guards import check_inputs_untouched, nothing_kept_message
+from megatron_andromeda.preprocess.neardup.apply import NearDupDrops
 from megatron_andromeda.preprocess.processor import (
     ChunkProcessor,
     ChunkResult,
@@ -70,6 +71,7 @@ class PreprocessConfig:
     chunk_rows: int = 256
     max_samples: int = 10
     log_every_s: float = 30.0
+    near_dup_dir: str | None = None  # apply the drop lists of this finished tools/neardup.py run
 
     def __post_init__(self) -> None:
         if not self.inputs:
@@ -85,6 +87,11 @@ class PreprocessConfig:
         if self.split is not None and (len(self.split) != 3 or abs(sum(self.split) - 1.0) > 1e-6):
             raise ValueError(
                 f"split weights {self.split}: need three fractions summing to 1 (see parse_split)"
+            )
+        if self.near_dup_dir is not None and self.minhash is not None:
+            raise ValueError(
+                "--near-dup-dir removes near-duplicates across every input of the near-dup run; switch the "
+                "in-process MinHash off (--no-near-dedup) rather than deduplicating twice"
             )
         if not os.path.basename(self.output_prefix):
             raise ValueError(
@@ -216,18 +223,25 @@ def _results(
 
 
 class _Deduplicator:
-    """Input-order duplicate decisions over the whole run."""
+    """Input-order duplicate decisions over the whole run; a near-dup run's drop lists come first."""
 
-    def __init__(self, config: PreprocessConfig) -> None:
+    def __init__(self, config: PreprocessConfig, near_dup: NearDupDrops | None = None) -> None:
         self.exact = SeenDigests() if config.exact_dedup else None
         self.near = LSHIndex(config.minhash.bands[0]) if config.minhash is not None else None
+        self.near_dup = near_dup
 
     def keep_mask(self, result: ChunkResult, drops: DropLog, path: str) -> np.ndarray:
         keep = np.ones(result.num_candidates, dtype=bool)
-        if self.exact is None and self.near is None:
+        if self.exact is None and self.near is None and self.near_dup is None:
             return keep
+        listed = np.zeros_like(keep)  # on a near-dup run's drop list
+        if self.near_dup is not None:
+            listed = self.near_dup.mask(result.file_index, result.lines)
         for i in range(result.num_candidates):
-            if self.exact is not None and not self.exact.add_if_new(result.digests[i]):
+            if listed[i]:
+                keep[i] = False
+                drops.add("near_duplicate", path, int(result.lines[i]))
+            elif self.exact is not None and not self.exact.add_if_new(result.digests[i]):
                 keep[i] = False
                 drops.add("exact_duplicate", path, int(result.lines[i]))
             elif self.near is not None and not self.near.add_if_new(result.band_keys[i]):
@@ -257,6 +271,9 @@ def run(config: PreprocessConfig) -> dict:
     start = time.perf_counter()
     files = expand_inputs(config.inputs)
     check_inputs_untouched(config, files)  # before anything is written or removed
+    near_dup = None
+    if config.near_dup_dir is not None:
+        near_dup = NearDupDrops.open(config.near_dup_dir, files, config.json_keys, config.cleaning)
     tokenizer = load_tokenizer(config.tokenizer)
     dtype = IndexedDatasetWriter.best_dtype(tokenizer.vocab_size)
     eod = tokenizer.eod_id if config.append_eod else None  # fails now, naming the tokenizer, if it has none
@@ -266,7 +283,7 @@ def run(config: PreprocessConfig) -> dict:
         append_eod=config.append_eod, cleaning=config.cleaning, exact_dedup=config.exact_dedup,
         minhash=config.minhash, split_weights=config.split if len(config.split_names) > 1 else None,
     )  # fmt: skip
-    drops, dedup = DropLog(max_samples=config.max_samples), _Deduplicator(config)
+    drops, dedup = DropLog(max_samples=config.max_samples), _Deduplicator(config, near_dup)
     outputs = _Outputs(config, dtype)
     read = 0
     try:
@@ -285,7 +302,12 @@ def run(config: PreprocessConfig) -> dict:
             raise InputError(nothing_kept_message(config, files, read, drops))
         _remove_previous_outputs(config)  # only now that the new outputs are complete
         outputs.finalize()
-        report = _report(config, tokenizer, eod, dtype, hasher.result(), read, drops, outputs, start)
+        inputs = hasher.result()
+        if near_dup is not None:
+            near_dup.verify_inputs(inputs)  # the drop lists are for exactly these files' contents
+        report = _report(config, tokenizer, eod, dtype, inputs, read, drops, outputs, start)
+        if near_dup is not None:
+            report["options"]["near_dup"] = near_dup.summary()
         write_json_atomic(config.sidecar_path(), report)
     except BaseException:
         outputs.abort()

@@ -13,11 +13,10 @@ import itertools
 import json
 import os
 from dataclasses import dataclass
-from itertools import repeat
 
 import numpy as np
 
-from megatron_andromeda.preprocess.cleaning import CleaningConfig, clean_text, quality_reason
+from megatron_andromeda.preprocess.cleaning import CleaningConfig, clean_record
 from megatron_andromeda.preprocess.dedup import MinHasher, exact_digest
 from megatron_andromeda.preprocess.readers import RawChunk, decode_chunk
 from megatron_andromeda.preprocess.split import Splitter
@@ -108,9 +107,7 @@ class ChunkProcessor:
         config = self.settings.cleaning
         kept_texts, kept_lines, kept_words = [], [], []
         for record, line in zip(texts, lines):
-            cleaned = tuple(clean_text(t, config) for t in record)
-            split = [split_words(t.encode("utf-8"), t.isascii()) for t in cleaned]
-            reason = next((r for r in map(quality_reason, cleaned, repeat(config), split) if r), None)
+            cleaned, split, reason = clean_record(record, config)
             if reason is None:
                 kept_texts.append(cleaned)
                 kept_lines.append(line)

@@ -62,6 +62,15 @@ class Words:
         return grams
 
 
+def ngram_hashes(hashes: np.ndarray, n: int) -> np.ndarray:
+    """(W - n + 1,) the hashes `Words.ngram_hashes(n)` gives, of any word-hash array: several
+    documents back to back, say, whose n-grams across a boundary the caller then leaves out."""
+    grams = hashes[: hashes.size - n + 1] * _NGRAM_MULT[0]
+    for k in range(1, n):  # the same sum as the recurrence in Words.ngram_hashes (wrapping uint64)
+        grams += hashes[k : hashes.size - n + 1 + k] * _NGRAM_MULT[k % len(_NGRAM_MULT)]
+    return grams
+
+
 def split_words(data: bytes, ascii_only: bool = False) -> Words:
     """Words of UTF-8 `data`; `ascii_only` promises no multi-byte characters (saves a pass)."""
     raw = np.frombuffer(b" " + data + b" ", dtype=np.uint8)  # (N,) whitespace-framed
