@@ -283,9 +283,6 @@ class RunConfig:
         return json.dumps(self.to_dict(), indent=2, sort_keys=True)
 
 
-SECTIONS: dict[str, type] = {f.name: f.type for f in dataclasses.fields(RunConfig) if f.name != "stages"}
-
-
 def describe_config(section: str | None = None) -> str:
     """Every config key with its type, default and meaning (`--help [SECTION]` of the train entry point)."""
     hints = typing.get_type_hints(RunConfig)

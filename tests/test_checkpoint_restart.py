@@ -18,9 +18,11 @@ import subprocess
 import sys
 from pathlib import Path
 
-import numpy as np
 import pytest
 from hang_guard import HANG_GUARD_S
+from tiny_tokenizer import FOX, train_tiny_tokenizer, write_random_documents
+
+from megatron_andromeda.data.tokenizer import load_tokenizer
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -28,24 +30,11 @@ ROOT = Path(__file__).resolve().parents[1]
 @pytest.fixture(scope="module")
 def workspace(tmp_path_factory) -> Path:
     """A tiny byte-level BPE tokenizer and one dataset of random documents."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-
-    from megatron_andromeda.data.indexed_dataset import IndexedDatasetWriter
 
     root = tmp_path_factory.mktemp("restart")
-    tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    alphabet = pre_tokenizers.ByteLevel.alphabet()
-    trainer = trainers.BpeTrainer(
-        vocab_size=300, special_tokens=["<|endoftext|>"], initial_alphabet=alphabet, show_progress=False
-    )
-    tok.train_from_iterator(["the quick brown fox jumps over the lazy dog"] * 20, trainer=trainer)
-    tok.save(str(root / "tokenizer.json"))
-    rng = np.random.default_rng(0)
-    with IndexedDatasetWriter(root / "train_text_document", np.uint16) as writer:
-        for _ in range(80):  # ids the tokenizer knows: others would be masked out of the loss
-            writer.add_document(np.append(rng.integers(1, tok.get_vocab_size(), rng.integers(5, 40)), 0))
+    tok = train_tiny_tokenizer(root / "tokenizer.json", [FOX] * 20, special_tokens=["<|endoftext|>"])
+    vocab = load_tokenizer(tok).vocab_size  # ids the tokenizer knows: others would be masked out of the loss
+    write_random_documents(root / "train_text_document", 80, 1, vocab)
     return root
 
 

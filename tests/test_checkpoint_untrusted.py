@@ -19,9 +19,10 @@ import subprocess
 import sys
 from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
+from hang_guard import HANG_GUARD_S
+from tiny_tokenizer import FOX, train_tiny_tokenizer, write_random_documents
 from tool_loader import load_tool
 
 from megatron_andromeda.checkpoint import (
@@ -31,35 +32,21 @@ from megatron_andromeda.checkpoint import (
     reshard_checkpoint,
 )
 from megatron_andromeda.config import load_config
+from megatron_andromeda.data.tokenizer import load_tokenizer
 from megatron_andromeda.models import GPTModel
 from megatron_andromeda.train import run
 
 ROOT = Path(__file__).resolve().parents[1]
-HANG_GUARD_S = 300
 STEP = "step_00000001"
 
 
 @pytest.fixture(scope="module")
 def workspace(tmp_path_factory) -> Path:
     """A tokenizer, a dataset and `base/ckpt/step_00000001` (one step of a tiny run)."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-
-    from megatron_andromeda.data.indexed_dataset import IndexedDatasetWriter
 
     root = tmp_path_factory.mktemp("untrusted")
-    tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(
-        vocab_size=300, special_tokens=["<|endoftext|>"], show_progress=False,
-        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-    )  # fmt: skip
-    tok.train_from_iterator(["the quick brown fox jumps over the lazy dog"] * 20, trainer=trainer)
-    tok.save(str(root / "tokenizer.json"))
-    rng = np.random.default_rng(0)
-    with IndexedDatasetWriter(root / "train_text_document", np.uint16) as writer:
-        for _ in range(40):
-            writer.add_document(np.append(rng.integers(1, tok.get_vocab_size(), rng.integers(5, 40)), 0))
+    tok = train_tiny_tokenizer(root / "tokenizer.json", [FOX] * 20, special_tokens=["<|endoftext|>"])
+    write_random_documents(root / "train_text_document", 40, 1, load_tokenizer(tok).vocab_size)
     run(load_config(None, overrides(root, root / "base", "train.steps=1")))
     return root
 

@@ -15,6 +15,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from hang_guard import HANG_GUARD_S
 from test_preprocess_pipeline import prose
 from tiny_tokenizer import train_tiny_tokenizer
 from tool_loader import load_tool
@@ -73,7 +74,7 @@ def train(ws: Path, run_dir: Path, dataset: str, *extra: str) -> subprocess.Comp
         "train.eval_batches=0", "optim.warmup_steps=1", "logging.log_interval=1",
         f"logging.run_dir={run_dir}", "logging.tensorboard=false", "logging.progress_bar=false", *extra,
     ]  # fmt: skip
-    return subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300)
+    return subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=HANG_GUARD_S)
 
 
 # ------------------------------------------------------------------------------------------- training
@@ -159,7 +160,7 @@ def test_evaluation_stops_on_another_tokenizers_dataset_unless_allowed(ws, tmp_p
     write_model_checkpoint(tmp_path / "ckpt", cfg, GPTModel(model_cfg).state_dict())
     cmd = [sys.executable, "tools/evaluate.py", "--checkpoint", str(tmp_path / "ckpt"), "--device", "cpu",
            "--valid-data", str(ws / "theirs_valid_text_document")]  # fmt: skip
-    refused = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300)
+    refused = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=HANG_GUARD_S)
     assert refused.returncode == 2 and "| dataset" not in refused.stdout
     assert sha(ws / "a.json") in refused.stderr and sha(ws / "b.json") in refused.stderr
     assert "--allow-tokenizer-mismatch" in refused.stderr
@@ -171,7 +172,7 @@ def test_evaluation_stops_on_another_tokenizers_dataset_unless_allowed(ws, tmp_p
 # ------------------------------------------------------------------------------------------- validation
 def validate(*args: str) -> subprocess.CompletedProcess:
     cmd = [sys.executable, "tools/validate_dataset.py", *map(str, args)]
-    return subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=120)
+    return subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=HANG_GUARD_S)
 
 
 def test_validate_accepts_file_paths_and_warns_on_an_empty_dataset(ws):

@@ -15,10 +15,13 @@ import pytest
 import sacrebleu
 import torch
 import torch.nn.functional as F
+from tiny_tokenizer import train_tiny_tokenizer
 
 from megatron_andromeda.checkpoint import write_model_checkpoint
 from megatron_andromeda.config import DataConfig, ModelConfig, RunConfig
+from megatron_andromeda.data.chat_template import ChatTemplate
 from megatron_andromeda.data.indexed_dataset import IndexedDatasetWriter
+from megatron_andromeda.data.sft_dataset import SFTDatasetWriter
 from megatron_andromeda.data.tokenizer import load_tokenizer
 from megatron_andromeda.evaluation.generation_tasks import corpus_bleu, exact_match, f1_score
 from megatron_andromeda.evaluation.harness import AndromedaLM
@@ -31,8 +34,6 @@ from megatron_andromeda.evaluation.multiple_choice import (
 from megatron_andromeda.evaluation.perplexity import prefix_perplexity, source_and_split
 from megatron_andromeda.evaluation.scoring import EvalModel, encode_pair, greedy_until
 from megatron_andromeda.models import GPTModel, language_model_loss
-from megatron_andromeda.sft.dataset import SFTDatasetWriter
-from megatron_andromeda.sft.template import ChatTemplate
 
 ROOT = Path(__file__).resolve().parents[1]
 SUBJECTS = ["fox", "dog", "Emma", "Knightley", "marriage", "money", "lady", "house"]
@@ -42,21 +43,8 @@ TEXT = "the quick brown fox jumps over a lazy dog while Emma and Mr Knightley ta
 
 @pytest.fixture(scope="module")
 def tokenizer(tmp_path_factory):
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-
-    tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(
-        vocab_size=300,
-        special_tokens=["<|endoftext|>", "<|padding|>"],
-        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-        show_progress=False,
-    )
-    tok.train_from_iterator([TEXT, "The house is kind. The lady is brown."] * 20, trainer=trainer)
     path = tmp_path_factory.mktemp("tok") / "tokenizer.json"
-    tok.save(str(path))
-    return load_tokenizer(path)
+    return load_tokenizer(train_tiny_tokenizer(path, [TEXT, "The house is kind. The lady is brown."] * 20))
 
 
 def mc_examples() -> list[MCExample]:

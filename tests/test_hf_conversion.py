@@ -14,6 +14,7 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors.torch import load_file
+from tiny_tokenizer import FOX, train_tiny_tokenizer
 from tool_loader import load_tool
 
 from megatron_andromeda.checkpoint import read_model_state, write_model_checkpoint
@@ -94,20 +95,8 @@ def run_tool(name: str, argv: list[str]) -> int:
 @pytest.fixture(scope="module")
 def tokenizer_file(tmp_path_factory) -> Path:
     """A 300-id byte-level BPE trained here, with the end-of-document and padding tokens."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-
-    tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(
-        vocab_size=300, special_tokens=["<|endoftext|>", "<|padding|>"],
-        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False,
-    )  # fmt: skip
-    text = ["the quick brown fox jumps over the lazy dog", "a stitch in time saves nine"] * 50
-    tok.train_from_iterator(text, trainer)
     path = tmp_path_factory.mktemp("tok") / "tokenizer.json"
-    tok.save(str(path))
-    return path
+    return Path(train_tiny_tokenizer(path, [FOX, "a stitch in time saves nine"] * 50))
 
 
 # ------------------------------------------------------------------------------- Andromeda -> HF

@@ -13,7 +13,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 import zstandard
-from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+from tiny_tokenizer import train_tiny_tokenizer
+from tokenizers import Tokenizer, models, pre_tokenizers
 
 from megatron_andromeda.data.indexed_dataset import IndexedDataset
 from megatron_andromeda.preprocess import pipeline
@@ -39,17 +40,9 @@ def prose(seed, words=120):
 @pytest.fixture(scope="module")
 def tokenizer_path(tmp_path_factory):
     """A GPT-NeoX-style byte-level BPE, vocabulary ~300, with <|endoftext|>."""
-    tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(
-        vocab_size=300, special_tokens=["<|endoftext|>", "<|padding|>"],
-        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False,
-    )  # fmt: skip
-    tok.train_from_iterator([prose(i) for i in range(30)], trainer=trainer)
-    path = tmp_path_factory.mktemp("tok") / "tokenizer.json"
-    tok.save(str(path))
-    return str(path)
+    return train_tiny_tokenizer(
+        tmp_path_factory.mktemp("tok") / "tokenizer.json", [prose(i) for i in range(30)]
+    )
 
 
 def write_jsonl(path, texts, key="text"):

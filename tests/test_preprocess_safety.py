@@ -15,6 +15,7 @@ from pathlib import Path
 
 import pytest
 import zstandard
+from hang_guard import HANG_GUARD_S
 from test_preprocess_pipeline import prose
 from tiny_tokenizer import train_tiny_tokenizer
 
@@ -32,7 +33,7 @@ def tokenizer_path(tmp_path_factory):
 
 def preprocess(*args: str, cwd: Path) -> subprocess.CompletedProcess:
     cmd = [sys.executable, str(TOOL), "--workers", "0", "--no-clean", "--no-dedup", *map(str, args)]
-    return subprocess.run(cmd, cwd=cwd, capture_output=True, text=True, timeout=300)
+    return subprocess.run(cmd, cwd=cwd, capture_output=True, text=True, timeout=HANG_GUARD_S)
 
 
 def corpus(path: Path, n: int = 60, key: str = "text") -> bytes:

@@ -8,40 +8,28 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from tiny_tokenizer import train_tiny_tokenizer
 from tool_loader import load_tool
 
 from megatron_andromeda.config import ModelConfig
+from megatron_andromeda.data.chat_formats import FormatError, ReadReport, read_conversations
+from megatron_andromeda.data.chat_template import ChatTemplate
 from megatron_andromeda.data.indexed_dataset import IndexedDataset
+from megatron_andromeda.data.sft_dataset import SFTDataset, SFTDatasetWriter, pack_next_fit
 from megatron_andromeda.data.tokenizer import load_tokenizer
 from megatron_andromeda.models import GPTModel, language_model_loss
-from megatron_andromeda.sft.dataset import SFTDataset, SFTDatasetWriter, pack_next_fit
-from megatron_andromeda.sft.formats import FormatError, ReadReport, read_conversations
-from megatron_andromeda.sft.template import ChatTemplate
 
 ROOT = Path(__file__).resolve().parents[1]
 WORDS = "the quick brown fox jumps over a lazy dog while Emma and Mr Knightley talk of marriage and money"
 
 
-def train_tiny_tokenizer(path: Path) -> Path:
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-
-    tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(
-        vocab_size=300,
-        special_tokens=["<|endoftext|>", "<|padding|>"],
-        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-        show_progress=False,
-    )
-    tok.train_from_iterator([WORDS, "<|user|>\n<|assistant|>\n<|system|>\n"] * 20, trainer=trainer)
-    tok.save(str(path))
-    return path
+def chat_tokenizer(path: Path) -> str:
+    return train_tiny_tokenizer(path, [WORDS, "<|user|>\n<|assistant|>\n<|system|>\n"] * 20)
 
 
 @pytest.fixture(scope="module")
 def tokenizer(tmp_path_factory):
-    return load_tokenizer(train_tiny_tokenizer(tmp_path_factory.mktemp("tok") / "tokenizer.json"))
+    return load_tokenizer(chat_tokenizer(tmp_path_factory.mktemp("tok") / "tokenizer.json"))
 
 
 def write_jsonl(path: Path, records: list) -> Path:

@@ -20,17 +20,18 @@ import sys
 import threading
 from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
+from hang_guard import HANG_GUARD_S
+from tiny_tokenizer import FOX, train_tiny_tokenizer, write_random_documents
 
 from megatron_andromeda.config import load_config
+from megatron_andromeda.data.tokenizer import load_tokenizer
 from megatron_andromeda.parallel.context import ParallelContext, plan_layout
 from megatron_andromeda.parallel.pipeline import build_pipeline_schedule
 from megatron_andromeda.parallel.testing import run_distributed
 
 ROOT = Path(__file__).resolve().parents[1]
-HANG_GUARD_S = 600
 
 UNCLOSED_WATCHDOG = """
 import torch.distributed as dist
@@ -82,24 +83,10 @@ def test_closing_the_context_stops_the_pipeline_watchdog_then_destroys_the_group
 # --------------------------------------------------------------------------------------------- 8 processes
 @pytest.fixture(scope="module")
 def workspace(tmp_path_factory) -> Path:
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-
-    from megatron_andromeda.data.indexed_dataset import IndexedDatasetWriter
 
     root = tmp_path_factory.mktemp("shutdown")
-    tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(
-        vocab_size=300, special_tokens=["<|endoftext|>"], show_progress=False,
-        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-    )  # fmt: skip
-    tok.train_from_iterator(["the quick brown fox jumps over the lazy dog"] * 20, trainer=trainer)
-    tok.save(str(root / "tokenizer.json"))
-    rng = np.random.default_rng(0)
-    with IndexedDatasetWriter(root / "train_text_document", np.uint16) as writer:
-        for _ in range(40):
-            writer.add_document(np.append(rng.integers(1, tok.get_vocab_size(), rng.integers(5, 40)), 0))
+    tok = train_tiny_tokenizer(root / "tokenizer.json", [FOX] * 20, special_tokens=["<|endoftext|>"])
+    write_random_documents(root / "train_text_document", 40, 1, load_tokenizer(tok).vocab_size)
     return root
 
 

@@ -3,6 +3,7 @@
 import hashlib
 
 import pytest
+from tiny_tokenizer import train_tiny_tokenizer
 
 from megatron_andromeda.data.tokenizer import load_tokenizer
 
@@ -10,18 +11,10 @@ TEXTS = ["The quick brown fox jumps over the lazy dog.", "Pack my box with five 
 
 
 def _hf_tokenizer(path, special_tokens=("<|endoftext|>", "<|padding|>")):
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from tokenizers import Tokenizer
 
-    tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(
-        vocab_size=320,
-        special_tokens=list(special_tokens),
-        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-        show_progress=False,
-    )
-    tok.train_from_iterator(TEXTS, trainer)
+    train_tiny_tokenizer(path, TEXTS, vocab_size=320, special_tokens=special_tokens)
+    tok = Tokenizer.from_file(str(path))
     tok.add_special_tokens(["<|extra|>"])  # an added token counts in vocab_size
     tok.save(str(path))
     return str(path)

@@ -9,11 +9,10 @@ import numpy as np
 import pytest
 import torch
 from hang_guard import HANG_GUARD_S
-from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+from tiny_tokenizer import FOX, train_tiny_tokenizer, write_random_documents
 
 from megatron_andromeda.checkpoint import read_model_state
 from megatron_andromeda.config import ConfigError, load_config
-from megatron_andromeda.data.indexed_dataset import IndexedDatasetWriter
 from megatron_andromeda.train import run
 from megatron_andromeda.training.stages import plan_stages
 
@@ -24,23 +23,12 @@ ROOT = Path(__file__).resolve().parents[1]
 def workspace(tmp_path_factory):
     """A tiny byte-level BPE tokenizer and three datasets with different token statistics."""
     root = tmp_path_factory.mktemp("entry")
-    tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(
-        vocab_size=300,
-        special_tokens=["<|endoftext|>", "<|padding|>"],
-        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-        show_progress=False,
-    )
-    tok.train_from_iterator(["the quick brown fox jumps over the lazy dog"] * 50, trainer=trainer)
-    tok.save(str(root / "tokenizer.json"))
-    rng = np.random.default_rng(0)
-    for name, low, high in (("a", 2, 100), ("b", 100, 200), ("c", 200, 290)):
+    train_tiny_tokenizer(root / "tokenizer.json", [FOX] * 50)
+    for k, (name, low, high) in enumerate((("a", 2, 100), ("b", 100, 200), ("c", 200, 290))):
         for split, docs in (("train", 60), ("valid", 8)):
-            with IndexedDatasetWriter(root / f"{name}_{split}_text_document", np.uint16) as writer:
-                for _ in range(docs):
-                    writer.add_document(np.append(rng.integers(low, high, rng.integers(5, 40)), 0))
+            write_random_documents(
+                root / f"{name}_{split}_text_document", docs, low, high, seed=2 * k + (split == "valid")
+            )
     return root
 
 
@@ -189,8 +177,8 @@ def test_stage_config_errors(workspace, tmp_path):
 def test_chat_datasets_train_only_on_replies(workspace, tmp_path):
     from megatron_andromeda.config import DataConfig
     from megatron_andromeda.data.builder import build_datasets
+    from megatron_andromeda.data.sft_dataset import SFTDataset, SFTDatasetWriter
     from megatron_andromeda.data.tokenizer import load_tokenizer
-    from megatron_andromeda.sft.dataset import SFTDataset, SFTDatasetWriter
 
     prefix = tmp_path / "chat"
     with SFTDatasetWriter(prefix, vocab_size=300) as writer:
@@ -210,8 +198,8 @@ def test_a_blend_of_chat_and_plain_data_batches_together(workspace, tmp_path):
 
     from megatron_andromeda.config import DataConfig
     from megatron_andromeda.data.builder import build_datasets
+    from megatron_andromeda.data.sft_dataset import SFTDatasetWriter
     from megatron_andromeda.data.tokenizer import load_tokenizer
-    from megatron_andromeda.sft.dataset import SFTDatasetWriter
 
     prefix = tmp_path / "chat"
     with SFTDatasetWriter(prefix, vocab_size=300) as writer:

@@ -18,6 +18,8 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from hang_guard import HANG_GUARD_S
+from tiny_tokenizer import train_tiny_tokenizer
 from tool_loader import load_tool
 
 from megatron_andromeda.checkpoint import read_model_state, write_model_checkpoint
@@ -43,18 +45,8 @@ SAMPLERS = {  # every way of choosing a token
 
 @pytest.fixture(scope="module")
 def tokenizer(tmp_path_factory):
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-
-    tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(
-        vocab_size=REAL, special_tokens=["<|endoftext|>", "<|padding|>"],
-        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False,
-    )  # fmt: skip
-    tok.train_from_iterator([TEXT, "The house is kind. The lady is brown."] * 20, trainer=trainer)
     path = tmp_path_factory.mktemp("tok") / "tokenizer.json"
-    tok.save(str(path))
+    train_tiny_tokenizer(path, [TEXT, "The house is kind. The lady is brown."] * 20, vocab_size=REAL)
     loaded = load_tokenizer(path)
     assert loaded.vocab_size == REAL
     return loaded
@@ -224,7 +216,7 @@ def test_evaluate_cli_gives_the_same_figures_padded_or_not(tmp_path, tokenizer, 
     ]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     done = subprocess.run(
-        [*cli, "--output", str(tmp_path / "b")], capture_output=True, text=True, timeout=600, env=env
+        [*cli, "--output", str(tmp_path / "b")], capture_output=True, text=True, timeout=HANG_GUARD_S, env=env
     )
     assert done.returncode == 0, done.stderr
     a, b = (json.loads((tmp_path / f"{x}.json").read_text()) for x in "ab")

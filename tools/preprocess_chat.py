@@ -2,7 +2,7 @@
 """Tokenize instruction / chat data into loss-masked datasets for supervised fine-tuning.
 
 The chat sibling of tools/preprocess_data.py. Inputs are JSONL files (plain, .gz or .zst) in any of
-the formats of megatron_andromeda/sft/formats.py (oasst1, Dolly, Alpaca, ShareGPT, Anthropic HH,
+the formats of megatron_andromeda/data/chat_formats.py (oasst1, Dolly, Alpaca, ShareGPT, Anthropic HH,
 or our own {"messages": [...]}), detected per record unless --format forces one. Each conversation
 is rendered with the chat template and written as two indexed datasets with the same documents:
 
@@ -27,10 +27,16 @@ import time
 from collections.abc import Iterator, Sequence
 from itertools import islice
 
+from megatron_andromeda.data.chat_formats import (
+    FORMATS,
+    Conversation,
+    FormatError,
+    ReadReport,
+    read_conversations,
+)
+from megatron_andromeda.data.chat_template import ChatTemplate
+from megatron_andromeda.data.sft_dataset import SFTDatasetWriter
 from megatron_andromeda.data.tokenizer import load_tokenizer
-from megatron_andromeda.sft.dataset import SFTDatasetWriter
-from megatron_andromeda.sft.formats import FORMATS, Conversation, FormatError, ReadReport, read_conversations
-from megatron_andromeda.sft.template import ChatTemplate
 
 SPLIT_NAMES = ("train", "valid", "test")
 

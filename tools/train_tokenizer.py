@@ -18,37 +18,19 @@ Both are deterministic: the same input files and flags give a byte-identical out
 from __future__ import annotations
 
 import argparse
-import gzip
 import io
-import json
 import os
 import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
-from typing import IO
+
+from megatron_andromeda.data.jsonl import InputError, iter_jsonl, open_text
 
 EOD_TOKEN, PAD_TOKEN = "<|endoftext|>", "<|padding|>"
 JSONL_SUFFIXES = (".jsonl", ".jsonl.gz", ".jsonl.zst")
 TEXT_SUFFIXES = (".txt", ".txt.gz", ".txt.zst")
 MIN_VOCAB = {"bpe": 256 + 2, "sentencepiece": 256 + 4 + 1}
-
-
-class InputError(ValueError):
-    """An input file is missing or unreadable; the message names it and says what to do."""
-
-
-def _open_text(path: Path) -> IO[str]:
-    name = path.name
-    if name.endswith(".gz"):
-        return gzip.open(path, "rt", encoding="utf-8")
-    if name.endswith(".zst"):
-        import zstandard
-
-        return io.TextIOWrapper(
-            zstandard.ZstdDecompressor().stream_reader(open(path, "rb")), encoding="utf-8"
-        )
-    return open(path, encoding="utf-8")
 
 
 def check_inputs(paths: list[Path]) -> None:
@@ -66,25 +48,18 @@ def iter_texts(paths: list[Path], json_key: str = "text") -> Iterator[str]:
     """Documents of JSONL files (the ``json_key`` field of each line) or lines of text files."""
     check_inputs(paths)
     for path in paths:
-        is_jsonl = path.name.endswith(JSONL_SUFFIXES)
-        with _open_text(path) as f:
-            for lineno, line in enumerate(f, start=1):
-                if not is_jsonl:
-                    yield line
-                    continue
-                if not line.strip():
-                    continue
-                try:
-                    record = json.loads(line)
-                except json.JSONDecodeError as e:
-                    raise InputError(f"{path}:{lineno}: invalid JSON ({e.msg})") from e
-                text = record.get(json_key) if isinstance(record, dict) else None
-                if not isinstance(text, str):
-                    raise InputError(
-                        f"{path}:{lineno}: no string field {json_key!r}; pass --json-key with the "
-                        "name of the field that holds the text"
-                    )
-                yield text
+        if not path.name.endswith(JSONL_SUFFIXES):
+            with open_text(path) as f:
+                yield from f
+            continue
+        for lineno, record in iter_jsonl(path):
+            text = record.get(json_key) if isinstance(record, dict) else None
+            if not isinstance(text, str):
+                raise InputError(
+                    f"{path}:{lineno}: no string field {json_key!r}; pass --json-key with the "
+                    "name of the field that holds the text"
+                )
+            yield text
 
 
 def train_bpe(texts: Iterator[str], vocab_size: int, min_frequency: int = 2):

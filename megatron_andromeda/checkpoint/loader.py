@@ -76,11 +76,13 @@ class CheckpointReader:
         self._handles: dict[str, Any] = {}
         self._pieces_in: dict[str, list[tuple[str, dict[str, Any]]]] = {}  # file -> (tensor id, piece)
         self.config: RunConfig = config_from_dict(self.read_json("config.json"))
-        if METADATA in self.manifest:
-            self.metadata = self.read_json(METADATA)
-            check_tensor_index(self.metadata, self.manifest, self.path / METADATA)
-        else:
-            self.metadata = self._legacy_metadata()
+        if METADATA not in self.manifest:
+            raise CheckpointError(
+                f"{self.path} has no {METADATA} (its manifest lists none): it is not a checkpoint of this "
+                "format, or was written before distributed checkpoints existed; save it again"
+            )
+        self.metadata = self.read_json(METADATA)
+        check_tensor_index(self.metadata, self.manifest, self.path / METADATA)
         for tensor_id, entry in self.metadata["tensors"].items():
             for piece in entry["pieces"]:
                 self._pieces_in.setdefault(piece["file"], []).append((tensor_id, piece))
@@ -138,22 +140,6 @@ class CheckpointReader:
                     f"{self.path / name}: key {piece['key']!r} should hold a {dtype} piece of shape "
                     f"{piece['shape']} of {tensor_id} ({METADATA}), the file has {held}"
                 )
-
-    def _legacy_metadata(self) -> dict[str, Any]:
-        """Checkpoints of the first format (one process, no metadata.json): their weights only."""
-        handle = self._handle("model.safetensors")
-        tensors = {}
-        for key in handle.keys():  # noqa: SIM118 (a safetensors handle, not a dict)
-            piece = handle.get_slice(key)
-            shape, dtype = list(piece.get_shape()), _DTYPE_NAMES[piece.get_dtype()]
-            whole_piece = {
-                "file": "model.safetensors",
-                "key": key,
-                "offsets": [0] * len(shape),
-                "shape": shape,
-            }
-            tensors[f"model/{key}"] = {"shape": shape, "dtype": dtype, "pieces": [whole_piece]}
-        return {"layout": Placement().describe(), "tensors": tensors, "optimizer": None}
 
     # ------------------------------------------------------------------------------------------ tensors
     def has(self, tensor_id: str) -> bool:

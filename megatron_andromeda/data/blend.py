@@ -83,10 +83,6 @@ class Blend:
     def names(self) -> list[str]:
         return [s.name for s in self.sources]
 
-    def to_list(self) -> list[str]:
-        """The Megatron blend list of this blend (weights, then prefixes)."""
-        return [item for s in self.sources for item in (repr(s.weight), s.prefix)]
-
 
 def _weighted_pairs(entries: Sequence[str], field: str) -> list[tuple[float, str]]:
     if len(entries) % 2:

@@ -21,8 +21,8 @@ from megatron_andromeda.data.blended_dataset import BlendedDataset, samples_need
 from megatron_andromeda.data.checks import DataUse, check_datasets, default_cache_dir, token_range
 from megatron_andromeda.data.gpt_dataset import GPTDataset
 from megatron_andromeda.data.indexed_dataset import DatasetError, IndexedDataset, dataset_exists
+from megatron_andromeda.data.sft_dataset import SFTDataset, sft_prefixes
 from megatron_andromeda.data.tokenizer import Tokenizer, load_tokenizer
-from megatron_andromeda.sft.dataset import SFTDataset, sft_prefixes
 
 
 def is_chat_dataset(prefix: str) -> bool:

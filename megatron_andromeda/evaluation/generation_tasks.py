@@ -12,7 +12,6 @@ take the best over the references; BLEU is sacrebleu's corpus BLEU over all exam
 
 from __future__ import annotations
 
-import json
 import re
 import string
 from collections import Counter
@@ -20,10 +19,10 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
+from megatron_andromeda.data.chat_template import ChatTemplate
+from megatron_andromeda.data.jsonl import iter_jsonl
 from megatron_andromeda.evaluation.multiple_choice import TaskError
 from megatron_andromeda.evaluation.scoring import EvalModel, greedy_until
-from megatron_andromeda.sft.formats import open_text
-from megatron_andromeda.sft.template import ChatTemplate
 
 _ARTICLES = re.compile(r"\b(a|an|the)\b")
 _PUNCTUATION = set(string.punctuation)
@@ -86,27 +85,20 @@ def is_generation_record(record: Any) -> bool:
 def load_generation_task(path: str, limit: int | None = None) -> list[GenExample]:
     """Examples of a JSONL generation task; every problem is a TaskError naming `path:line`."""
     examples = []
-    with open_text(path) as f:
-        for line_no, line in enumerate(f, start=1):
-            if not line.strip():
-                continue
-            if limit is not None and len(examples) >= limit:
-                break
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise TaskError(f"{path}:{line_no}: invalid JSON ({e.msg})") from e
-            if not is_generation_record(record):
-                raise TaskError(
-                    f"{path}:{line_no}: a generation record needs one of {', '.join(CONTEXT_KEYS)} and one "
-                    f"of {', '.join(ANSWER_KEYS)}"
-                )
-            context = next(record[k] for k in CONTEXT_KEYS if k in record)
-            answers = next(record[k] for k in ANSWER_KEYS if k in record)
-            answers = [answers] if isinstance(answers, str) else answers
-            if not isinstance(context, str) or not answers or not all(isinstance(a, str) for a in answers):
-                raise TaskError(f"{path}:{line_no}: context must be a string and answers non-empty strings")
-            examples.append(GenExample(context, list(answers)))
+    for line_no, record in iter_jsonl(path, TaskError) if limit != 0 else ():
+        if not is_generation_record(record):
+            raise TaskError(
+                f"{path}:{line_no}: a generation record needs one of {', '.join(CONTEXT_KEYS)} and one "
+                f"of {', '.join(ANSWER_KEYS)}"
+            )
+        context = next(record[k] for k in CONTEXT_KEYS if k in record)
+        answers = next(record[k] for k in ANSWER_KEYS if k in record)
+        answers = [answers] if isinstance(answers, str) else answers
+        if not isinstance(context, str) or not answers or not all(isinstance(a, str) for a in answers):
+            raise TaskError(f"{path}:{line_no}: context must be a string and answers non-empty strings")
+        examples.append(GenExample(context, list(answers)))
+        if limit is not None and len(examples) >= limit:
+            break
     if not examples:
         raise TaskError(f"{path}: no examples")
     return examples

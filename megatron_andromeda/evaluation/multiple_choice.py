@@ -13,16 +13,15 @@ the bias towards short answers.
 
 from __future__ import annotations
 
-import json
 import math
 import re
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
+from megatron_andromeda.data.jsonl import iter_jsonl
 from megatron_andromeda.errors import UserError
 from megatron_andromeda.evaluation.scoring import EvalModel, continuation_logprobs, encode_pair
-from megatron_andromeda.sft.formats import open_text
 
 
 class TaskError(UserError, ValueError):
@@ -112,30 +111,23 @@ def detect_mc_format(record: Any) -> str | None:
 def load_mc_task(path: str, fmt: str | None = None, limit: int | None = None) -> list[MCExample]:
     """Examples of a JSONL task file; every problem is a TaskError naming `path:line`."""
     examples = []
-    with open_text(path) as f:
-        for line_no, line in enumerate(f, start=1):
-            if not line.strip():
-                continue
-            if limit is not None and len(examples) >= limit:
-                break
-            where = f"{path}:{line_no}"
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise TaskError(f"{where}: invalid JSON ({e.msg})") from e
-            kind = fmt or detect_mc_format(record)
-            if kind not in LOADERS:
-                raise TaskError(
-                    f"{where}: not a multiple-choice record of a known layout ({', '.join(LOADERS)}); "
-                    'expected {"context": str, "choices": [str], "label": int}'
-                )
-            try:
-                example = LOADERS[kind](record)
-            except (KeyError, TypeError, ValueError, AttributeError) as e:
-                raise TaskError(f"{where}: bad {kind} record ({type(e).__name__}: {e})") from e
-            if len(example.choices) < 2 or not 0 <= example.label < len(example.choices):
-                raise TaskError(f"{where}: needs 2+ choices and 0 <= label < {len(example.choices)}")
-            examples.append(example)
+    for line_no, record in iter_jsonl(path, TaskError) if limit != 0 else ():
+        where = f"{path}:{line_no}"
+        kind = fmt or detect_mc_format(record)
+        if kind not in LOADERS:
+            raise TaskError(
+                f"{where}: not a multiple-choice record of a known layout ({', '.join(LOADERS)}); "
+                'expected {"context": str, "choices": [str], "label": int}'
+            )
+        try:
+            example = LOADERS[kind](record)
+        except (KeyError, TypeError, ValueError, AttributeError) as e:
+            raise TaskError(f"{where}: bad {kind} record ({type(e).__name__}: {e})") from e
+        if len(example.choices) < 2 or not 0 <= example.label < len(example.choices):
+            raise TaskError(f"{where}: needs 2+ choices and 0 <= label < {len(example.choices)}")
+        examples.append(example)
+        if limit is not None and len(examples) >= limit:
+            break
     if not examples:
         raise TaskError(f"{path}: no examples")
     return examples

@@ -20,8 +20,8 @@ import torch
 import torch.nn.functional as F
 
 from megatron_andromeda.data.indexed_dataset import IndexedDataset, dataset_exists
+from megatron_andromeda.data.sft_dataset import SFTDataset, sft_prefixes
 from megatron_andromeda.evaluation.scoring import EvalModel
-from megatron_andromeda.sft.dataset import SFTDataset, sft_prefixes
 
 _SPLIT = re.compile(r"^(?P<source>.+?)(?:_(?P<split>train|valid|validation|test))?(?:_text_document)?$")
 

@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
-import json
 import os
 from collections.abc import Sequence
 from typing import Any
 
 from megatron_andromeda.data.checks import DataUse, check_datasets
 from megatron_andromeda.data.indexed_dataset import dataset_exists
+from megatron_andromeda.data.jsonl import iter_jsonl
+from megatron_andromeda.data.sft_dataset import sft_prefixes
 from megatron_andromeda.evaluation.generation_tasks import (
     is_generation_record,
     load_generation_task,
@@ -22,8 +23,6 @@ from megatron_andromeda.evaluation.multiple_choice import (
 )
 from megatron_andromeda.evaluation.perplexity import prefix_perplexity
 from megatron_andromeda.evaluation.scoring import EvalModel
-from megatron_andromeda.sft.dataset import sft_prefixes
-from megatron_andromeda.sft.formats import open_text
 
 
 def named(spec: str) -> tuple[str, str]:
@@ -41,22 +40,15 @@ def task_kind(path: str) -> str:
     """'multiple_choice' or 'generation', from the task file's first record."""
     if not os.path.isfile(path):
         raise TaskError(f"--tasks {path}: file not found (task files are local JSONL; nothing is downloaded)")
-    with open_text(path) as f:
-        for line_no, line in enumerate(f, start=1):
-            if not line.strip():
-                continue
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise TaskError(f"{path}:{line_no}: invalid JSON ({e.msg})") from e
-            if detect_mc_format(record):
-                return "multiple_choice"
-            if is_generation_record(record):
-                return "generation"
-            raise TaskError(
-                f"{path}:{line_no}: neither a multiple-choice record (context/choices/label, or PIQA, "
-                "HellaSwag, ARC, BoolQ) nor a generation record (context/answers)"
-            )
+    for line_no, record in iter_jsonl(path, TaskError):
+        if detect_mc_format(record):
+            return "multiple_choice"
+        if is_generation_record(record):
+            return "generation"
+        raise TaskError(
+            f"{path}:{line_no}: neither a multiple-choice record (context/choices/label, or PIQA, "
+            "HellaSwag, ARC, BoolQ) nor a generation record (context/answers)"
+        )
     raise TaskError(f"{path}: no records")
 
 

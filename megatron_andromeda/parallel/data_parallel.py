@@ -206,11 +206,6 @@ class GradBuffer:
         lo = max(start, lo)
         return lo, max(lo, min(stop, hi))
 
-    def remove_hooks(self) -> None:
-        for handle in self._hooks:
-            handle.remove()
-        self._hooks = []
-
 
 def flatten_parameters(layout: FlatLayout) -> torch.Tensor:
     """Move every parameter of `layout` into one flat tensor at its offset; returns the tensor.

@@ -88,11 +88,3 @@ def global_grad_norm(
         for a, b in kept:
             total += torch.dot(grad[a:b], grad[a:b])
     return all_reduce_(total, group).reshape(()).sqrt()
-
-
-def clip_grads_(grads: Iterable[torch.Tensor], max_norm: float, total_norm: torch.Tensor) -> torch.Tensor:
-    """Scale grads in place so that their global norm is at most max_norm; returns the coefficient."""
-    coef = torch.clamp(max_norm / (total_norm + 1e-6), max=1.0)
-    for grad in grads:
-        grad.mul_(coef)
-    return coef

@@ -4,7 +4,6 @@
 |-------------------------------------------|----------------------------|---------------------------|
 | copy_to_tensor_parallel_region            | identity                   | all-reduce                |
 | reduce_from_tensor_parallel_region        | all-reduce                 | identity                  |
-| scatter_to_tensor_parallel_region         | keep own last-dim chunk    | all-gather (last dim)     |
 | gather_from_tensor_parallel_region        | all-gather (last dim)      | keep own chunk            |
 | scatter_to_sequence_parallel_region       | keep own sequence chunk    | all-gather (sequence)     |
 | gather_from_sequence_parallel_region      | all-gather (sequence)      | reduce-scatter, or keep   |
@@ -199,10 +198,6 @@ def copy_to_tensor_parallel_region(x: torch.Tensor, group: Group) -> torch.Tenso
 def reduce_from_tensor_parallel_region(x: torch.Tensor, group: Group) -> torch.Tensor:
     """Leave a tensor-parallel region by summing the ranks' partial outputs."""
     return x if group_size(group) == 1 else _ReduceFromRegion.apply(x, group)
-
-
-def scatter_to_tensor_parallel_region(x: torch.Tensor, group: Group) -> torch.Tensor:
-    return x if group_size(group) == 1 else _Scatter.apply(x, group, -1)
 
 
 def gather_from_tensor_parallel_region(x: torch.Tensor, group: Group) -> torch.Tensor:

@@ -172,12 +172,6 @@ class MixedPrecisionOptimizer:
         pass
 
     @torch.no_grad()
-    def reload_model_params(self) -> None:
-        """Re-read the masters from the model (after its weights were replaced outside the optimizer)."""
-        for f in self.fragments:
-            if not f.is_view:
-                f.master.copy_(f.param.detach().view(-1)[f.start : f.stop])
-
     def state_bytes(self) -> dict[str, int]:
         """Bytes this rank holds for master weights (copies only) and Adam moments."""
         out = {

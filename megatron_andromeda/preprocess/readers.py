@@ -15,18 +15,12 @@ from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 
 from megatron_andromeda.data.compressed import InputStream, compression_of, open_compressed, stream_errors
+from megatron_andromeda.data.jsonl import InputError
 from megatron_andromeda.data.sidecar import read_sidecar_file
-from megatron_andromeda.errors import UserError
 
 JSONL_SUFFIXES = (".jsonl", ".json", ".ndjson")
 PARQUET_SUFFIXES = (".parquet", ".pq")
 HF_MARKERS = ("state.json", "dataset_info.json", "dataset_dict.json")
-
-
-class InputError(UserError, ValueError):
-    """An input that cannot be read; the message names the file and what to do."""
-
-    label = "input error"
 
 
 @dataclass(frozen=True)

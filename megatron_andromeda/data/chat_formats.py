@@ -20,16 +20,14 @@ assistant reply, an unknown speaker) is *malformed*: it is skipped, counted and 
 
 from __future__ import annotations
 
-import gzip
-import io
-import json
 import os
 import re
 from collections import Counter
 from collections.abc import Iterator
 from dataclasses import dataclass, field
-from typing import IO, Any
+from typing import Any
 
+from megatron_andromeda.data.jsonl import iter_jsonl
 from megatron_andromeda.errors import UserError
 
 Message = dict[str, str]
@@ -255,20 +253,6 @@ def _oasst1_message(row: dict[str, Any]) -> Message:
 
 
 # ------------------------------------------------------------------------------------------- files
-def open_text(path: str | os.PathLike) -> IO[str]:
-    """A text stream over a plain, gzip (.gz) or zstandard (.zst) file."""
-    name = os.fspath(path)
-    if name.endswith(".gz"):
-        return gzip.open(name, "rt", encoding="utf-8")
-    if name.endswith(".zst"):
-        import zstandard
-
-        return io.TextIOWrapper(
-            zstandard.ZstdDecompressor().stream_reader(open(name, "rb")), encoding="utf-8"
-        )
-    return open(name, encoding="utf-8")
-
-
 def read_conversations(
     path: str | os.PathLike, fmt: str | None = None, report: ReadReport | None = None
 ) -> Iterator[Conversation]:
@@ -280,41 +264,34 @@ def read_conversations(
     path = os.fspath(path)
     if fmt is not None and fmt not in FORMATS:
         raise FormatError(f"--format {fmt!r} is not one of {', '.join(FORMATS)}")
-    if not os.path.isfile(path):
-        raise FormatError(f"{path}: file not found")
     if path.endswith(".json"):
         raise FormatError(f"{path}: expected JSONL (one object per line); convert with: jq -c '.[]' {path}")
     report = report if report is not None else ReadReport(path)
     oasst_rows: list[tuple[int, dict[str, Any]]] = []
-    with open_text(path) as f:
-        for line_no, line in enumerate(f, start=1):
-            if not line.strip():
-                continue
-            report.records += 1
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError as e:
-                report.malformed.append((line_no, f"invalid JSON ({e.msg})"))
-                continue
-            kind = fmt or detect_format(record)
-            if kind is None:
-                keys = ", ".join(sorted(record)) if isinstance(record, dict) else type(record).__name__
-                raise FormatError(
-                    f"{path}:{line_no}: cannot tell the format of this record (keys: {keys}); expected "
-                    f"one of {', '.join(FORMATS)} (see megatron_andromeda/sft/formats.py), or force one "
-                    "with --format"
-                )
-            report.formats[kind] += 1
-            if kind == "oasst1":
-                oasst_rows.append((line_no, record))
-                continue
-            try:
-                conversation = convert_record(record, kind)
-            except (FormatError, KeyError, TypeError, AttributeError) as e:
-                report.malformed.append((line_no, f"{kind}: {e}"))
-                continue
-            report.conversations += 1
-            yield conversation
+    invalid_json: list[tuple[int, str]] = []
+    for line_no, record in iter_jsonl(path, FormatError, malformed=invalid_json):
+        report.records += 1
+        kind = fmt or detect_format(record)
+        if kind is None:
+            keys = ", ".join(sorted(record)) if isinstance(record, dict) else type(record).__name__
+            raise FormatError(
+                f"{path}:{line_no}: cannot tell the format of this record (keys: {keys}); expected one "
+                f"of {', '.join(FORMATS)} (see megatron_andromeda/data/chat_formats.py), or force one "
+                "with --format"
+            )
+        report.formats[kind] += 1
+        if kind == "oasst1":
+            oasst_rows.append((line_no, record))
+            continue
+        try:
+            conversation = convert_record(record, kind)
+        except (FormatError, KeyError, TypeError, AttributeError) as e:
+            report.malformed.append((line_no, f"{kind}: {e}"))
+            continue
+        report.conversations += 1
+        yield conversation
+    report.records += len(invalid_json)
+    report.malformed += invalid_json
     for conversation in oasst1_conversations(oasst_rows, report) if oasst_rows else ():
         report.conversations += 1
         yield conversation

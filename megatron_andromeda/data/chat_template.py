@@ -19,8 +19,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from megatron_andromeda.data.chat_formats import Conversation
 from megatron_andromeda.data.tokenizer import Tokenizer
-from megatron_andromeda.sft.formats import Conversation
 
 _END = None  # a segment holding the end-of-document token instead of text
 
