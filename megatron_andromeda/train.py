@@ -37,6 +37,7 @@ from megatron_andromeda.parallel.data_parallel import DEFAULT_BUCKET_NUMEL
 from megatron_andromeda.parallel.hooks import ParallelHooks, build_parallel_training
 from megatron_andromeda.parallel.mixed_precision import precision_dtype
 from megatron_andromeda.parallel.pipeline import build_pipeline_schedule, sync_tied_embedding_weights
+from megatron_andromeda.parallel.watchdog import Watchdog
 from megatron_andromeda.training.optim import parameter_groups
 from megatron_andromeda.training.stages import plan_stages
 from megatron_andromeda.training.trainer import Trainer, TrainState
@@ -183,14 +184,18 @@ def build_training(
         sync_tied_embedding_weights(model, ctx)
     frozen = freeze_parameters(model, freeze)
     loss_fn = build_loss_fn(ctx, kernels, real_vocab_size)  # padding ids masked out
+    watchdog = None
+    if ctx.distributed:  # one per process: the pipeline's messages and the step's collectives
+        watchdog = Watchdog.for_job(cfg.parallel.comm_timeout_s)
+        ctx.on_close(watchdog.close)
     schedule = None
     if ctx.pp_size > 1:
         dtype = precision_dtype(cfg.train.precision)
-        schedule = build_pipeline_schedule(
-            ctx, cfg.model, cfg.data.seq_length, dtype, comm_timeout_s=cfg.parallel.comm_timeout_s
-        )
+        schedule = build_pipeline_schedule(ctx, cfg.model, cfg.data.seq_length, dtype, watchdog=watchdog)
     groups = parameter_groups(model, cfg.optim)
-    parallel = build_parallel_training(ctx, model, cfg, groups, schedule=schedule, bucket_numel=bucket_numel)
+    parallel = build_parallel_training(
+        ctx, model, cfg, groups, schedule=schedule, bucket_numel=bucket_numel, watchdog=watchdog
+    )
     return TrainingParts(model, parallel.optimizer, parallel.hooks, loss_fn, kernels, frozen)
 
 

@@ -13,14 +13,17 @@ from __future__ import annotations
 import functools
 import sys
 import tempfile
+import time
 from pathlib import Path
 
+import pytest
 import torch
 import training_helpers
+from hang_guard import HANG_GUARD_S
 
 from megatron_andromeda.config import RunConfig, load_config
 from megatron_andromeda.parallel import ParallelContext, RankLayout
-from megatron_andromeda.parallel.testing import run_distributed
+from megatron_andromeda.parallel.testing import DistributedTestError, run_distributed
 from megatron_andromeda.training.trainer import Trainer
 
 VOCAB, SEQ, STEPS, GLOBAL_BATCH = 64, 16, 10, 8
@@ -268,3 +271,31 @@ def test_ranks_read_disjoint_samples_that_cover_the_batch_and_resume_identically
         assert got["resumed_ids"] == got["ids"][2:]
         assert got["resumed_losses"] == got["losses"][2:]
         assert got["params_equal"]
+
+
+# --------------------------------------------------------------------------------------------- a stalled rank
+class _StallingTokens(training_helpers.Tokens):
+    """Rank 1 stops answering once step 2 starts reading: it never reaches that step's reduction."""
+
+    def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
+        if torch.distributed.get_rank() == 1 and i >= GLOBAL_BATCH:
+            time.sleep(HANG_GUARD_S)
+        return super().__getitem__(i)
+
+
+def _stalled_run(root: str) -> None:
+    # 20 s: far above an honest step of this tiny model even on a loaded machine (the stall lasts hours)
+    cfg = run_config(Path(root), "parallel.comm_timeout_s=20")
+    trainer, _ = training_helpers.product_trainer(cfg, _StallingTokens(VOCAB, SEQ), Path(root))
+    for _ in range(3):
+        trainer.train_step()
+
+
+def test_a_stalled_data_parallel_rank_is_named(tmp_path, capfd):
+    """Issue 21: a data-parallel stall ended as gloo's raw timeout, not saying which rank stalled."""
+    with pytest.raises(DistributedTestError, match="exited without a result"):
+        run_distributed(_stalled_run, 2, root=str(tmp_path))
+    err = capfd.readouterr().err
+    assert "[rank 0] watchdog: no progress for" in err and "on step 2: gradient reduction" in err, err[-3000:]
+    assert "ranks that have not reached it: rank 1 (last reached: step 1: skip decision)" in err, err[-3000:]
+    assert "[rank 1] watchdog: rank 0 aborted the job" in err and "in __getitem__" in err  # its stack

@@ -35,7 +35,7 @@ ROOT = Path(__file__).resolve().parents[1]
 
 UNCLOSED_WATCHDOG = """
 import torch.distributed as dist
-from megatron_andromeda.parallel.pipeline.watchdog import Watchdog
+from megatron_andromeda.parallel.watchdog import Watchdog
 
 store = dist.TCPStore("127.0.0.1", 0, 1, is_master=True)
 watchdog = Watchdog(600.0, store=store)

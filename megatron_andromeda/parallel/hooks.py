@@ -47,6 +47,7 @@ from megatron_andromeda.parallel.mixed_precision import (
     precision_dtype,
     world_group,
 )
+from megatron_andromeda.parallel.watchdog import Watchdog
 
 Parts = dict[str, torch.Tensor]
 
@@ -82,6 +83,7 @@ class ParallelHooks:
     any_rank_true: Callable[[bool], bool] = lambda flag: flag
     loss_scaler: Any = None  # fp16 across ranks: parallel.mixed_precision.DynamicLossScaler
     rng: Any = None  # parallel.random.RNGTracker: its states are saved in and restored from checkpoints
+    begin_step: Callable[[int], None] = lambda step: None  # told the step number before its first work
 
     def _ranks(self) -> RankLayout:
         return self.layout if self.layout is not None else RankLayout(1, 1, 1)
@@ -129,11 +131,13 @@ def build_parallel_training(
     *,
     bucket_numel: int = DEFAULT_BUCKET_NUMEL,
     schedule: Callable | None = None,
+    watchdog: Watchdog | None = None,
 ) -> ParallelTraining:
     """Everything parallel the trainer needs, for a model already built for this rank.
 
     `param_groups` are torch-style groups of the model's trainable parameters (weight decay per
-    group); the caller decides them (training.optim.parameter_groups).
+    group); the caller decides them (training.optim.parameter_groups). `watchdog` guards the step's
+    collectives (parallel/watchdog.py): a rank that stalls is named instead of a raw backend timeout.
     """
     layout = run_layout(ctx)
     tc = run_cfg.train
@@ -151,7 +155,7 @@ def build_parallel_training(
     optimizer_cls = DistributedOptimizer if sharded else MixedPrecisionOptimizer
     optimizer = optimizer_cls(model, param_groups, run_cfg.optim, buffer, ctx)
     scaler = DynamicLossScaler(world_group(ctx), device=device) if tc.precision == "fp16" else None
-    hooks = build_parallel_hooks(ctx, model, optimizer, schedule=schedule)
+    hooks = build_parallel_hooks(ctx, model, optimizer, schedule=schedule, watchdog=watchdog)
     hooks.loss_scaler = scaler
     return ParallelTraining(optimizer, hooks, scaler, buffer)
 
@@ -172,6 +176,7 @@ def build_parallel_hooks(
     optimizer: MixedPrecisionOptimizer,
     *,
     schedule: Callable | None = None,
+    watchdog: Watchdog | None = None,
 ) -> ParallelHooks:
     """The trainer's ParallelHooks for this rank; `optimizer` owns the gradient buffer they finish."""
     layout = run_layout(ctx)
@@ -185,17 +190,41 @@ def build_parallel_hooks(
     def finish(_model: nn.Module) -> None:
         finish_gradients(optimizer.grad_buffer, ctx.tp_group, shared, ctx.embedding_group)
 
+    guard = _StepWaits(watchdog)
     return ParallelHooks(
         layout=layout,
         rank=ctx.rank,
         schedule=schedule or no_pipelining,
-        finish_gradients=finish,
-        loss_from_last_stage=partial(loss_from_last_stage, ctx=ctx),
-        grad_norm=lambda grads: optimizer.grad_norm(),  # reads the reduced fp32 shards, not `grads`
-        mean_across_data=partial(mean_across_group, group=ctx.dp_group),
-        any_rank_true=partial(any_rank_true, group=world, device=optimizer.device),
+        finish_gradients=guard("gradient reduction", finish, announce=True),
+        loss_from_last_stage=guard("loss from the last stage", partial(loss_from_last_stage, ctx=ctx)),
+        grad_norm=guard("gradient norm", lambda grads: optimizer.grad_norm()),  # the reduced fp32 shards
+        mean_across_data=guard("data-parallel mean", partial(mean_across_group, group=ctx.dp_group)),
+        any_rank_true=guard(
+            "skip decision", partial(any_rank_true, group=world, device=optimizer.device), announce=True
+        ),
         rng=ctx.rng,
+        begin_step=guard.begin_step,
     )
+
+
+class _StepWaits:
+    """Wraps the step's collectives in `watchdog.watch`, labelled with the step (no-op without one)."""
+
+    def __init__(self, watchdog: Watchdog | None):
+        self.watchdog, self.step = watchdog, 0
+
+    def begin_step(self, step: int) -> None:
+        self.step = step
+
+    def __call__(self, what: str, fn: Callable, announce: bool = False) -> Callable:
+        if self.watchdog is None:
+            return fn
+
+        def guarded(*args, **kwargs):
+            with self.watchdog.watch(f"step {self.step}: {what}", announce=announce):
+                return fn(*args, **kwargs)
+
+        return guarded
 
 
 # --------------------------------------------------------------------------------------------- reductions

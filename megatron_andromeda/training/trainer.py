@@ -154,6 +154,7 @@ class Trainer:
 
     def train_step(self) -> dict[str, float]:
         tc, oc = self.cfg.train, self.cfg.optim
+        self.hooks.begin_step(self.state.step + 1)  # numbered like its metrics line
         lr = learning_rate(self.lr_step_offset + self.state.step, oc, self.lr_total_steps)
         set_learning_rate(self.optimizer, lr)
         self.model.train()

@@ -14,7 +14,7 @@ from megatron_andromeda.parallel.pipeline.schedules import (
     one_f_one_b,
 )
 from megatron_andromeda.parallel.pipeline.stages import PipelineStage, sync_tied_embedding_weights
-from megatron_andromeda.parallel.pipeline.watchdog import Watchdog
+from megatron_andromeda.parallel.watchdog import Watchdog
 
 __all__ = [
     "Layout",

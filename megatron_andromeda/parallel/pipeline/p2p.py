@@ -21,7 +21,7 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
-from megatron_andromeda.parallel.pipeline.watchdog import Watchdog
+from megatron_andromeda.parallel.watchdog import Watchdog
 
 
 @dataclass(frozen=True)

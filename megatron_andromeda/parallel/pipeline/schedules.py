@@ -35,7 +35,7 @@ from megatron_andromeda.parallel.hooks import run_layout
 from megatron_andromeda.parallel.layout import RunLayout, check_schedule
 from megatron_andromeda.parallel.pipeline.p2p import Message, PipelineComm
 from megatron_andromeda.parallel.pipeline.plans import Compute, Layout, Transfer, build_plan
-from megatron_andromeda.parallel.pipeline.watchdog import Watchdog
+from megatron_andromeda.parallel.watchdog import Watchdog
 
 Parts = dict[str, torch.Tensor]
 ForwardStep = Callable[[Iterator, nn.Module], tuple[Any, Callable]]

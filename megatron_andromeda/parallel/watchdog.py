@@ -42,6 +42,7 @@ import torch.distributed as dist
 EXIT_CODE = 124  # the conventional "timed out" status
 ABORT_KEY = "andromeda/watchdog/abort"
 DUMPED_KEY = "andromeda/watchdog/dumped"
+PROGRESS_PREFIX = "andromeda/watchdog/progress/"  # + rank: "<count>\t<label>" of its last announced wait
 
 
 def default_store() -> dist.Store | None:
@@ -84,6 +85,7 @@ class Watchdog:
         self._stop = threading.Event()
         self._aborting = threading.Lock()  # held by the one thread that takes the job down
         self._thread: threading.Thread | None = None
+        self._announced = 0  # waits this rank announced to the others (watch(..., announce=True))
 
     @classmethod
     def for_job(cls, timeout_s: float, dump_dir: str | Path | None = None) -> Watchdog:
@@ -100,15 +102,22 @@ class Watchdog:
 
     # ------------------------------------------------------------------------------------------ use
     @contextmanager
-    def watch(self, label: str) -> Iterator[None]:
-        """Guard a blocking wait; a failure inside it (a peer's timeout error) also aborts the job."""
+    def watch(self, label: str, *, announce: bool = False) -> Iterator[None]:
+        """Guard a blocking wait; a failure inside it (a peer's timeout error) also aborts the job.
+
+        `announce` records the wait in the job's store before entering it (one small write), so that
+        a rank stuck in it can name the ranks that never arrived: use it for the few waits every rank
+        passes once per step (the data-parallel reductions), not for per-message waits.
+        """
         self._start()
+        if announce:
+            self._announce(label)
         with self._lock:
             self._armed = (label, time.monotonic())
         try:
             yield
         except Exception as err:  # a backend error in a wait: the job cannot continue either
-            self.abort(f"{label} failed: {type(err).__name__}: {err}")
+            self.abort(f"{label} failed: {type(err).__name__}: {err}{self.laggards()}")
         finally:
             with self._lock:
                 self._armed = None
@@ -145,7 +154,7 @@ class Watchdog:
             if armed is not None and time.monotonic() - armed[1] > self.timeout_s:
                 self.abort(
                     f"no progress for {time.monotonic() - armed[1]:.1f} s on {armed[0]} "
-                    f"(parallel.comm_timeout_s={self.timeout_s:g})"
+                    f"(parallel.comm_timeout_s={self.timeout_s:g}){self.laggards()}"
                 )
             reason = self._abort_requested(armed is not None)
             if reason is not None and self._aborting.acquire(blocking=False):
@@ -163,6 +172,32 @@ class Watchdog:
             if waiting:
                 return "the job's store is unreachable (its host rank exited)"
         return None
+
+    # ------------------------------------------------------------------------------------------ progress
+    def _announce(self, label: str) -> None:
+        self._announced += 1
+        if self.store is not None:
+            with contextlib.suppress(Exception):  # progress is a diagnostic: never fail a step over it
+                self.store.set(f"{PROGRESS_PREFIX}{self.rank}", f"{self._announced}\t{label}")
+
+    def laggards(self) -> str:
+        """'; ranks that have not reached it: ...' naming the ranks behind this rank's last announced
+        wait (with the last wait each did reach), or '' when none is behind or nothing is known."""
+        if self.store is None or not self._announced:
+            return ""
+        behind = []
+        try:
+            for rank in range(self.world_size):
+                key = f"{PROGRESS_PREFIX}{rank}"
+                if not self.store.check([key]):
+                    behind.append(f"rank {rank} (none of these waits yet)")
+                    continue
+                count, label = self.store.get(key).decode().split("\t", 1)
+                if int(count) < self._announced:
+                    behind.append(f"rank {rank} (last reached: {label})")
+        except Exception:  # the store is gone: the stacks will have to tell
+            return ""
+        return f"; ranks that have not reached it: {', '.join(behind)}" if behind else ""
 
     # ------------------------------------------------------------------------------------------ abort
     def abort(self, reason: str) -> NoReturn:
