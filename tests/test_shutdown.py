@@ -27,7 +27,7 @@ from tiny_tokenizer import FOX, train_tiny_tokenizer, write_random_documents
 
 from megatron_andromeda.config import load_config
 from megatron_andromeda.data.tokenizer import load_tokenizer
-from megatron_andromeda.parallel.context import ParallelContext, plan_layout
+from megatron_andromeda.parallel import ParallelContext, plan_layout
 from megatron_andromeda.parallel.pipeline import build_pipeline_schedule
 from megatron_andromeda.parallel.testing import run_distributed
 

@@ -33,8 +33,7 @@ from megatron_andromeda.checkpoint.storage import (
     wait_for_markers,
 )
 from megatron_andromeda.config import ConfigError, RunConfig
-from megatron_andromeda.parallel.context import RankLayout, check_tensor_parallel
-from megatron_andromeda.parallel.layout import split_layers
+from megatron_andromeda.parallel.layout import RankLayout, check_tensor_parallel, split_layers
 
 ReadFn = Callable[[str, ShardSpec], torch.Tensor]  # (tensor id, spec) -> that part of the global tensor
 _LAYER = re.compile(r"^layers\.(\d+)\.")

@@ -29,7 +29,8 @@ from megatron_andromeda.checkpoint.slices import Box, ShardSpec, global_pieces, 
 from megatron_andromeda.checkpoint.storage import CheckpointError
 from megatron_andromeda.config import ModelConfig, RunConfig
 from megatron_andromeda.models.gpt import GPTModel
-from megatron_andromeda.parallel.context import ParallelContext, RankLayout, validate_layout
+from megatron_andromeda.parallel.context import ParallelContext
+from megatron_andromeda.parallel.layout import RankLayout, validate_layout
 
 _CHUNK_PREFIX = re.compile(r"^\d+\.")
 ADAM_TENSORS = ("exp_avg", "exp_avg_sq", "master_param")

@@ -18,15 +18,7 @@ import torch
 import torch.distributed as dist
 
 from megatron_andromeda.errors import ConfigError
-from megatron_andromeda.parallel.layout import (  # noqa: F401 - the layout's names, re-exported
-    VOCAB_ALIGNMENT,
-    RankLayout,
-    RunLayout,
-    check_tensor_parallel,
-    padded_vocab_size,
-    plan_layout,
-    validate_layout,
-)
+from megatron_andromeda.parallel.layout import RankLayout, RunLayout, plan_layout
 from megatron_andromeda.parallel.random import RNGTracker, tensor_parallel_seed
 
 if TYPE_CHECKING:
