@@ -33,6 +33,7 @@ from hang_guard import HANG_GUARD_S
 from torch import nn
 from training_helpers import Tokens, context_for, product_trainer
 
+from megatron_andromeda.builder import build_model
 from megatron_andromeda.config import ConfigError, ModelConfig, RunConfig, load_config
 from megatron_andromeda.kernels import (
     BackendChoice,
@@ -46,6 +47,7 @@ from megatron_andromeda.kernels import (
 )
 from megatron_andromeda.models import GPTModel
 from megatron_andromeda.parallel import plan_layout
+from megatron_andromeda.parallel.mappings import count_comm
 from megatron_andromeda.parallel.tensor_parallel import ColumnParallelLinear, RowParallelLinear
 from megatron_andromeda.parallel.testing import run_distributed
 from megatron_andromeda.te_layers import FusedNorm, swap_block_linears
@@ -315,10 +317,25 @@ FP8_GROUP_CASES = {  # name: (overrides, the amax group of rank r, micro-batches
 }
 
 
+def communication(root: Path) -> dict:
+    """The collectives of one forward + backward, plain and with TE (fused), at tensor 2 +- SP."""
+    out = {}
+    for label, extra in (("tp2", TP2), ("tp2_sp", TP2_SP)):
+        cfg = run_config(root, *extra)
+        ctx = context_for(cfg)
+        for kernels in ("plain", "te"):
+            model = build_model(cfg, ctx, FUSED if kernels == "te" else BackendChoice())
+            with count_comm() as counted:
+                model(Tokens(VOCAB, SEQ).data[:2, :SEQ]).float().square().mean().backward()
+            out[label, kernels] = (dict(counted.calls), dict(counted.payload_bytes))
+    return out
+
+
 def te_ranks(root: str) -> dict:
     with pytest.MonkeyPatch.context() as patch:
         log = install_fake_te(patch)
         results = {name: te_case(Path(root) / name, extra, log) for name, extra in CASES.items()}
+        results["communication"] = communication(Path(root) / "communication")
         for name, (extra, _, _) in FP8_GROUP_CASES.items():
             results[name] = te_case(Path(root) / name, extra, log)
         results["checkpoints"] = checkpoint_cases(Path(root), log)
@@ -365,6 +382,16 @@ def test_te_at_tensor_2_equals_one_plain_process(spawned, case):
         assert {c["shape"][:2] for c in calls} == {(2, SEQ)}
         kinds = [c["kind"] for c in calls[: GEMMS_PER_LAYER * layers]]
         assert kinds == ["LayerNormLinear", "Linear", "LayerNormLinear", "Linear"] * layers
+
+
+def test_te_communicates_exactly_like_our_layers(spawned):
+    """Same collectives, same bytes in a forward + backward: TE modules add none, remove none."""
+    _, _, ranks = spawned
+    for result in (r["communication"] for r in ranks):
+        for label in ("tp2", "tp2_sp"):
+            calls, payload = result[label, "te"]
+            assert (calls, payload) == result[label, "plain"], label
+            assert calls["all_reduce"] and ("all_gather" in calls) == (label == "tp2_sp"), calls
 
 
 def test_fp8_runs_every_block_gemm_under_autocast_reduced_over_the_stage(spawned):
