@@ -8,8 +8,9 @@ one sees what the ones before it made:
    name from `train.seed`, so every layout starts from the same weights;
 2. **tensor / sequence parallelism** (`parallel.parallelize_model`): shards, per-rank head counts,
    region hooks; the model then moves to its device;
-3. **kernels** (`kernels.apply_kernels`): the flash attention core, Transformer Engine linears,
-   fused rotary, swapped into the modules tensor parallelism left;
+3. **kernels** (`kernels.apply_kernels`): the flash attention core, Transformer Engine modules
+   (holding the shards tensor parallelism made, norms fused: te_layers.py), fused rotary, swapped
+   into the modules tensor parallelism left (keeping its hooks);
 4. **recomputation** (`parallel.recompute.apply_recompute`): wraps the modules as they are now,
    so a recomputed attention core is the flash core, a recomputed block holds the TE linears;
 5. **compile** (`kernels.compile_blocks`): compiles each block as it is now, recomputation included;

@@ -172,6 +172,9 @@ class BackendConfig:
     )
     fp8: str = option("none", "FP8 scaling through Transformer Engine (compute capability >= 8.9)",
                       choices=("none", "delayed", "current"))  # fmt: skip
+    fuse_norm: bool = option(
+        True, "with Transformer Engine: fold each block norm into the projections it feeds (LayerNormLinear)"
+    )
     rotary: str = option(
         "auto", "torch or flash (flash-attn's Triton kernel)", choices=("auto", "torch", "flash")
     )

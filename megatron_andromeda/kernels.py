@@ -9,12 +9,15 @@ Three steps, each testable on its own:
    `attention=sdpa (flash-attn not installed)`). What was asked for explicitly and cannot run is an
    error, never a silent fallback; `auto` falls back and says why;
 3. `apply_kernels(model, choice)` swaps modules of a GPTModel (or of every chunk of a pipeline
-   stage) in place, parameter names unchanged; `compile_blocks(model)` compiles each block;
-   `fp8_context(choice)` wraps the forward pass and `fused_cross_entropy()` gives the fused loss.
-   `megatron_andromeda.builder` calls them in the one documented order.
+   stage) in place, parameter names unchanged, at any tensor-parallel degree (the Transformer
+   Engine modules and their communication contract: te_layers.py); `compile_blocks(model)`
+   compiles each block; `fp8_context(choice, group)` wraps the forward pass and
+   `fused_cross_entropy()` gives the fused loss. `megatron_andromeda.builder` calls them in the one
+   documented order.
 
 Every path computes the same function as the plain one (SDPA, nn.Linear, torch rotary and
-cross-entropy) within bf16 tolerance; the GPU tests in tests/test_backends.py check it.
+cross-entropy) within bf16 tolerance; the GPU tests in tests/test_kernels.py and
+tests/test_te_layers.py check it.
 """
 
 from __future__ import annotations
@@ -32,13 +35,15 @@ from megatron_andromeda.errors import ConfigError
 from megatron_andromeda.models.attention import Attention, AttentionInputs, CoreAttention
 from megatron_andromeda.models.gpt import GPTModel
 from megatron_andromeda.models.rotary import apply_rotary
+from megatron_andromeda.te_layers import swap_block_linears
 
 FP8_MIN_CAPABILITY = (8, 9)  # Ada / Hopper: the first GPUs with FP8 tensor cores
 FLASH2_MIN_CAPABILITY = (8, 0)  # Ampere
 FLASH3_CAPABILITY = 9  # Hopper only
 FLASH_MAX_HEAD_DIM = 256
 HALF_TYPES = (torch.float16, torch.bfloat16)
-# Devices the fused kernels run on; tests add "cpu" to drive the kernel paths with fake kernels.
+# Devices the fused kernels run on; tests add "cpu" to drive the kernel paths (and their selection)
+# with the fake libraries of tests/fake_kernels.py.
 KERNEL_DEVICES: tuple[str, ...] = ("cuda",)
 
 
@@ -113,6 +118,7 @@ class BackendChoice:
     rotary: str = "torch"  # "torch", "flash"
     cross_entropy: str = "torch"  # "torch", "flash"
     compile: bool = False
+    fuse_norm: bool = False  # with linear="te": norms fused into TE LayerNormLinear
     reasons: dict[str, str] = field(default_factory=dict, compare=False)
 
     def describe(self) -> str:
@@ -131,7 +137,6 @@ def select_backends(
     device: torch.device,
     *,
     precision: str = "bf16",
-    tensor_parallel: int = 1,
     env: Environment | None = None,
 ) -> BackendChoice:
     """Decide every backend from the config and the environment (probed on `device` unless given).
@@ -141,7 +146,7 @@ def select_backends(
     cfg.validate()
     env = probe_environment(device) if env is None else env
     attention, attention_why = _select_attention(cfg.attention, env, precision)
-    linear, linear_why = _select_linear(cfg, env, tensor_parallel)
+    linear, linear_why = _select_linear(cfg, env)
     fp8, fp8_why = _select_fp8(cfg.fp8, linear, env)
     rotary, rotary_why = _select_flash_op("rotary", cfg.rotary, env, env.flash_rotary, hook=env.rotary_hook)
     ce, ce_why = _select_flash_op("cross_entropy", cfg.cross_entropy, env, env.flash_cross_entropy)
@@ -153,8 +158,11 @@ def select_backends(
         "cross_entropy": ce_why,
         "compile": "each transformer block" if cfg.compile else "",
     }
+    fuse_norm = linear == "te" and cfg.fuse_norm
+    if fuse_norm:
+        reasons["linear"] += "; norms fused into LayerNormLinear"
     return BackendChoice(
-        attention, linear, fp8, rotary, ce, cfg.compile, {k: v for k, v in reasons.items() if v}
+        attention, linear, fp8, rotary, ce, cfg.compile, fuse_norm, {k: v for k, v in reasons.items() if v}
     )
 
 
@@ -189,17 +197,16 @@ def _flash_blocker(env: Environment, precision: str) -> str | None:
     return None
 
 
-def _select_linear(cfg: BackendConfig, env: Environment, tensor_parallel: int) -> tuple[str, str]:
+def _select_linear(cfg: BackendConfig, env: Environment) -> tuple[str, str]:
+    """Transformer Engine at any tensor-parallel degree (te_layers.py): it needs only the library and CUDA."""
     te = env.transformer_engine
     if cfg.linear == "torch":
         return "torch", "asked for"
     blocker = None
     if not te.ok:
         blocker = f"transformer-engine {te.problem}"
-    elif env.device_type != "cuda":
+    elif env.device_type not in KERNEL_DEVICES:
         blocker = "no CUDA device"
-    elif tensor_parallel > 1:
-        blocker = "parallel.tensor > 1 (the TE swap handles plain nn.Linear only)"
     if blocker is None:
         return "te", f"transformer-engine {te.version}"
     if cfg.linear == "te" or cfg.fp8 != "none":
@@ -215,7 +222,7 @@ def _select_fp8(asked: str, linear: str, env: Environment) -> tuple[str, str]:
     if asked == "none":
         return "none", ""
     assert linear == "te"  # _select_linear raised otherwise
-    if env.capability < FP8_MIN_CAPABILITY:
+    if env.device_type == "cuda" and env.capability < FP8_MIN_CAPABILITY:
         raise ConfigError(
             f"backend.fp8={asked} needs FP8 tensor cores (compute capability >= 8.9: Ada, Hopper), this GPU "
             f"is {_cc(env.capability)}; set backend.fp8=none to train in BF16"
@@ -343,36 +350,16 @@ def _blocks(model: nn.Module) -> Iterator[nn.Module]:
         yield from chunk.layers.values()
 
 
-def _replace_children(
-    root: nn.Module, match: Callable[[nn.Module], bool], make: Callable[[nn.Module], nn.Module]
-) -> None:
-    for parent in list(root.modules()):
-        for name, child in list(parent.named_children()):
-            if match(child):
-                setattr(parent, name, make(child))
-
-
-def _te_linear(te, old: nn.Linear, fp8: bool) -> nn.Module:
-    if fp8 and (old.in_features % 16 or old.out_features % 16):
-        raise ConfigError(
-            f"FP8 GEMMs need both dimensions divisible by 16, a linear layer is {old.in_features} -> "
-            f"{old.out_features}; change the model's widths or set backend.fp8=none"
-        )
-    w = old.weight
-    new = te.Linear(old.in_features, old.out_features, bias=False, params_dtype=w.dtype, device=w.device)
-    with torch.no_grad():
-        new.weight.copy_(w)
-    new.weight.requires_grad_(w.requires_grad)
-    return new
-
-
 def apply_kernels(model: nn.Module, choice: BackendChoice) -> nn.Module:
     """Swap the chosen kernels into `model` in place and return it; parameter names are unchanged.
 
     `model` is a GPTModel or a pipeline stage's chunks. Call it after tensor parallelism (which
     replaces the linear layers with its own) and with the model on its device, before
-    recomputation and compile (megatron_andromeda.builder does). The output head stays a plain
-    matmul even with FP8, as is usual: its precision matters most for the loss.
+    recomputation and compile (megatron_andromeda.builder does). With `choice.linear == "te"` every
+    block GEMM becomes a Transformer Engine module holding the shard tensor parallelism left
+    (te_layers.py); the shapes FP8 needs are a layout rule (parallel.layout.check_fp8, applied by
+    plan_layout before any process group). The output head stays a plain matmul even with FP8, as
+    is usual: its precision matters most for the loss.
     """
     blocks = list(_blocks(model))
     if choice.attention != "sdpa":
@@ -387,9 +374,8 @@ def apply_kernels(model: nn.Module, choice: BackendChoice) -> nn.Module:
                 module.rotary_fn = fused
     if choice.linear == "te":
         te = importlib.import_module("transformer_engine.pytorch")
-        fp8 = choice.fp8 != "none"
         for block in blocks:
-            _replace_children(block, lambda m: type(m) is nn.Linear, lambda m: _te_linear(te, m, fp8))
+            swap_block_linears(block, te, fuse_norm=choice.fuse_norm)
     return model
 
 
@@ -415,15 +401,27 @@ def make_fp8_recipe(kind: str):
 
 
 def fp8_context(choice: BackendChoice, group=None) -> contextlib.AbstractContextManager:
-    """Wrap the forward pass (not the backward) of a training step; a no-op without FP8.
+    """Wrap the forward pass (not the backward) of a micro-batch; a no-op without FP8.
 
-    `group` is where delayed-scaling amax histories are reduced: the data x tensor group in a
-    distributed run (None: every rank).
+    `group` is where delayed scaling reduces its amaxes when the context exits: the tensor x data
+    ranks of this pipeline stage (`ParallelContext.stage_group`; None in one process). TE all-reduces
+    one buffer holding the amax of every FP8 module that ran in the context, so the group's ranks
+    must run the same modules in the same order: never ranks of other pipeline stages, which hold
+    other layers (TE's default, the whole world, would mix them). Reducing over the tensor ranks
+    gives every shard of a weight the same scale, as one unsharded FP8 GEMM would have; over the
+    data ranks, the same scales everywhere. Current scaling computes each scale from the tensor at
+    hand and ignores the group.
+
+    TE >= 2.9 calls the context `te.autocast(recipe=, amax_reduction_group=)`; older releases
+    `te.fp8_autocast(fp8_recipe=, fp8_group=)` (deprecated since).
     """
     if choice.fp8 == "none":
         return contextlib.nullcontext()
     te = importlib.import_module("transformer_engine.pytorch")
-    return te.fp8_autocast(enabled=True, fp8_recipe=make_fp8_recipe(choice.fp8), fp8_group=group)
+    recipe = make_fp8_recipe(choice.fp8)
+    if hasattr(te, "autocast"):
+        return te.autocast(enabled=True, recipe=recipe, amax_reduction_group=group)
+    return te.fp8_autocast(enabled=True, fp8_recipe=recipe, fp8_group=group)
 
 
 def fused_cross_entropy() -> Callable[[torch.Tensor, torch.Tensor, float], tuple[torch.Tensor, torch.Tensor]]:

@@ -7,6 +7,7 @@ trainer. Works unchanged under `torchrun` (one process per device).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import fnmatch
 import json
 import os
@@ -14,6 +15,7 @@ import random
 import sys
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -133,7 +135,7 @@ def run_stage(
         cfg, parts.model, parts.optimizer, train_data, valid_data,
         loss_fn=parts.loss_fn, device=ctx.device, run_dir=run_dir, hooks=parts.hooks,
         lr_step_offset=lr_step_offset, lr_total_steps=lr_total_steps,
-        step_context=lambda: fp8_context(parts.kernels),
+        step_context=parts.step_context,
     )  # fmt: skip
     try:
         trainer.logger.print(f"kernels: {parts.kernels.describe()}")
@@ -160,6 +162,7 @@ class TrainingParts:
     loss_fn: Callable
     kernels: BackendChoice
     frozen: int
+    step_context: Callable[[], contextlib.AbstractContextManager] = contextlib.nullcontext  # FP8 autocast
 
 
 def build_training(
@@ -170,14 +173,13 @@ def build_training(
     *,
     bucket_numel: int = DEFAULT_BUCKET_NUMEL,
 ) -> TrainingParts:
-    """This rank's model (builder.build_model), optimizer, loss and loop hooks; one path for any layout.
+    """This rank's model (builder.build_model), optimizer, loss, loop hooks and step context (FP8
+    autocast, its amaxes reduced over this pipeline stage's ranks); one path for any layout.
 
     One process runs the same recipe as many: half-precision parameters with fp32 master weights
     and fp32 gradient buckets, the replicated or ZeRO-1 optimizer, the hooks' reductions (no-ops).
     """
-    kernels = select_backends(
-        cfg.backend, ctx.device, precision=cfg.train.precision, tensor_parallel=ctx.tp_size
-    )
+    kernels = select_backends(cfg.backend, ctx.device, precision=cfg.train.precision)
     model = build_model(cfg, ctx, kernels)
     if cfg.train.init_from:  # any saved layout: each rank reads the slices it holds
         load_model_weights(cfg.train.init_from, model, Placement.from_context(ctx))
@@ -196,7 +198,8 @@ def build_training(
     parallel = build_parallel_training(
         ctx, model, cfg, groups, schedule=schedule, bucket_numel=bucket_numel, watchdog=watchdog
     )
-    return TrainingParts(model, parallel.optimizer, parallel.hooks, loss_fn, kernels, frozen)
+    step_context = partial(fp8_context, kernels, ctx.stage_group)  # amaxes reduced within the stage
+    return TrainingParts(model, parallel.optimizer, parallel.hooks, loss_fn, kernels, frozen, step_context)
 
 
 def freeze_parameters(model: torch.nn.Module, patterns: Sequence[str]) -> int:

@@ -2,7 +2,8 @@
 
     errors, fields                       leaves: import nothing of the package
     models/                              math only (its config and presets included)
-    config, kernels, data/, preprocess/  configuration, kernel choice, datasets, the data pipeline
+    config, kernels, te_layers, data/,   configuration, kernel choice and swaps, datasets,
+    preprocess/                          the data pipeline
     parallel/                            layout, process groups, every model-parallel collective
     checkpoint/, builder                 distributed checkpoints; the one model builder
     training/, evaluation/, hf/, ...     the loop and what reads checkpoints
@@ -48,6 +49,7 @@ RULES = [
     Rule("data", never=ABOVE_DATA, why="data/ never imports models/ or the layers above it"),
     Rule("preprocess", never=ABOVE_DATA, why="the data pipeline needs no model"),
     Rule("kernels", never=ABOVE_DATA - {"models"}, why="kernels are chosen below parallel/"),
+    Rule("te_layers", never=ABOVE_DATA - {"models"}, why="the TE swap is a kernel, below parallel/"),
     Rule("parallel", never=(ABOVE_DATA | {"preprocess"}) - {"models", "parallel"},
          why="parallel/ never imports training/ (the trainer's contract lives in parallel/hooks.py)"),
     Rule("checkpoint", never=frozenset({"training", "evaluation", "builder", "train"}), why="below the loop"),

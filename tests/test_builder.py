@@ -2,12 +2,15 @@
 
 TP -> kernels -> recomputation -> compile -> precision. For every pair that can meet, a test checks
 that the later transform acts on what the earlier one made: recomputation replays the flash kernel
-and the TE linears (not the modules they replaced), compile keeps the recomputation, the precision
-cast reaches the swapped-in modules. The kernels are the recording fakes of fake_kernels.py.
+and the TE linears (not the modules they replaced), the fused norms keep tensor parallelism's hooks,
+compile keeps the recomputation, the precision cast reaches the swapped-in modules. (TE modules
+holding tensor parallelism's shards, at tensor 2, are checked in test_te_layers.py.) The kernels
+are the recording fakes of fake_kernels.py.
 """
 
 from __future__ import annotations
 
+import pytest
 import torch
 from torch import nn
 
@@ -106,6 +109,25 @@ def test_te_linears_then_full_recompute_replays_the_te_modules(fake_te):
     assert blocks_replayed == set(model.layers), blocks_replayed
 
 
+def test_fused_norms_keep_earlier_hooks_and_recompute_replays_the_fused_modules(fake_te):
+    """TP -> kernels -> recompute, for the fused norm. Tensor parallelism enters its region with a
+    forward hook on each norm; the kernel swap turns the norm into a pass-through that keeps the
+    hook (which then sees the block's un-normalised input), and full recomputation replays the
+    LayerNormLinear modules that now do the norm."""
+    cfg = run_config()
+    model = GPTModel(cfg.model, init_seed=cfg.train.seed)
+    seen = []
+    for block in model.layers.values():
+        block.norm.register_forward_hook(lambda mod, args, out: seen.append(out is args[0]))
+    apply_kernels(model, BackendChoice(linear="te", fuse_norm=True))
+    apply_recompute(model, "full")
+    forward_backward(model, tokens())
+    # each norm ran in the forward and in the recomputation, passing its input through
+    assert seen == [True] * (2 * LAYERS)
+    fused_calls = [c for c in fake_te["calls"] if c["kind"] == "LayerNormLinear"]
+    assert len(fused_calls) == 2 * 2 * LAYERS  # qkv and gate_up, forward and recomputation
+
+
 def saved_bytes(model: nn.Module, x: torch.Tensor) -> int:
     """Bytes autograd keeps for the backward outside any recomputed region (its own hooks hide those)."""
     total = 0
@@ -136,11 +158,15 @@ def test_compile_keeps_the_recomputation():
     torch.testing.assert_close(both(x), compiled(x))
 
 
-def test_precision_reaches_the_swapped_in_modules(fake_te, fake_flash):
+@pytest.mark.parametrize("fuse_norm", [False, True])
+def test_precision_reaches_the_swapped_in_modules(fake_te, fake_flash, fuse_norm):
     cfg = run_config("train.precision=bf16", "parallel.recompute=selective")
-    model = build_model(cfg, single(cfg), BackendChoice(attention="flash2", linear="te"))
+    model = build_model(cfg, single(cfg), BackendChoice(attention="flash2", linear="te", fuse_norm=fuse_norm))
     assert {p.dtype for p in model.parameters()} == {torch.bfloat16}
-    assert all(type(m).__module__ == "fake_kernels" for m in model.modules() if type(m).__name__ == "Linear")
+    te = [m for m in model.modules() if type(m).__module__ == "fake_kernels"]
+    assert len(te) == 4 * LAYERS and not any(type(m) is nn.Linear for m in model.layers.modules())
     assert all(
         isinstance(b, torch.Tensor) and b.dtype == torch.float32 for b in model.buffers()
-    )  # tables stay
+    )  # tables stay (and the fused LayerNorm's zero bias, which TE casts as it reads it)
+    model(tokens())  # bf16 parameters and activations: TE's dtype check passes
+    assert {c["dtype"] for c in fake_te["calls"]} == {torch.bfloat16}

@@ -107,12 +107,14 @@ def test_explicit_flash_without_flash_is_an_error():
 
 
 def test_te_auto_and_explicit():
+    """TE is chosen at any tensor degree (selection no longer looks at it), norms fused by default."""
     env = gpu_env(transformer_engine=HAVE)
     choice = select_backends(BackendConfig(), CUDA, env=env)
-    assert choice.linear == "te" and choice.fp8 == "none"
-    assert select_backends(BackendConfig(linear="torch"), CUDA, env=env).linear == "torch"
-    tp = select_backends(BackendConfig(), CUDA, env=env, tensor_parallel=2)
-    assert tp.linear == "torch" and "parallel.tensor > 1" in tp.reasons["linear"]
+    assert (choice.linear, choice.fp8, choice.fuse_norm) == ("te", "none", True)
+    assert choice.reasons["linear"] == "transformer-engine 9.9; norms fused into LayerNormLinear"
+    assert not select_backends(BackendConfig(fuse_norm=False), CUDA, env=env).fuse_norm
+    plain = select_backends(BackendConfig(linear="torch"), CUDA, env=env)
+    assert (plain.linear, plain.fuse_norm) == ("torch", False)
     with pytest.raises(ConfigError, match="backend.linear=te needs Transformer Engine.*not installed"):
         select_backends(BackendConfig(linear="te"), CUDA, env=gpu_env())
 
@@ -192,7 +194,7 @@ def test_probe_reports_missing_present_and_broken(monkeypatch):
 def test_probe_sees_the_fakes(fake_flash, fake_te):
     env = probe_environment(CPU)
     assert env.flash_attn.version == "2.7.4" and env.flash_rotary.ok and env.flash_cross_entropy.ok
-    assert env.transformer_engine.version == "2.4.0" and env.te_current_scaling
+    assert env.transformer_engine.version == "2.9.0" and env.te_current_scaling
 
 
 def test_flash_attention_swap_matches_sdpa(fake_flash):
@@ -236,18 +238,25 @@ def test_te_linear_swap_keeps_names_and_logits(fake_te):
     model, x = build(), tokens()
     expected = model(x)
     state = model.state_dict()
-    choice = select_backends(BackendConfig(fp8="delayed"), CUDA, env=gpu_env(transformer_engine=HAVE))
+    choice = select_backends(
+        BackendConfig(fp8="delayed", fuse_norm=False), CUDA, env=gpu_env(transformer_engine=HAVE)
+    )
     apply_kernels(model, choice)
-    assert len(fake_te["linear"]) == 4 * TINY.num_layers  # qkv, o, gate_up, down; never the head
-    assert all(entry[2] is False and entry[3] == torch.float32 for entry in fake_te["linear"])
+    built = fake_te["modules"]
+    assert [m["kind"] for m in built] == ["Linear"] * 4 * TINY.num_layers  # qkv, o, gate_up, down; no head
+    assert all(m["bias"] is False and m["params_dtype"] == torch.float32 for m in built)
+    assert all(m["parallel_mode"] is None and m["tp_group"] is None for m in built)
     assert type(model.layers["0"].attn.qkv_proj).__module__ == "fake_kernels"
     assert model.state_dict().keys() == state.keys()
     assert torch.equal(model(x), expected)
 
-    with fp8_context(choice, group="dp-group"):
+
+def test_fp8_context_recipes_group_and_both_te_apis(fake_te, monkeypatch):
+    with fp8_context(BackendChoice(linear="te", fp8="delayed"), group="stage-group"):
         pass
-    ((enabled, recipe, group),) = fake_te["autocast"]
-    assert enabled and group == "dp-group"
+    (entry,) = fake_te["autocast"]
+    assert entry["enabled"] and entry["group"] == "stage-group"
+    recipe = entry["recipe"]
     assert (recipe.fp8_format.name, recipe.amax_history_len, recipe.amax_compute_algo) == (
         "HYBRID",
         16,
@@ -255,17 +264,28 @@ def test_te_linear_swap_keeps_names_and_logits(fake_te):
     )
     with fp8_context(BackendChoice(linear="te", fp8="current")):
         pass
-    assert type(fake_te["autocast"][-1][1]).__name__ == "Float8CurrentScaling"
+    assert type(fake_te["autocast"][-1]["recipe"]).__name__ == "Float8CurrentScaling"
     assert isinstance(fp8_context(BackendChoice()), contextlib.nullcontext)
+    monkeypatch.delattr(sys.modules["transformer_engine.pytorch"], "autocast")  # TE < 2.9
+    with fp8_context(BackendChoice(linear="te", fp8="delayed"), group="stage-group"):
+        pass
+    assert fake_te["autocast"][-2:] == [
+        {"api": "fp8_autocast"},
+        {**entry, "recipe": fake_te["autocast"][-1]["recipe"]},
+    ]
 
 
-def test_fp8_checks_layer_shapes(fake_te):
+def test_fp8_shapes_are_a_layout_rule(fake_te):
+    """The swap takes any shape (BF16 TE has no limit); FP8 shapes are refused by plan_layout, naming
+    the field (tests/test_te_layers.py), and a model that bypassed it by TE at its first FP8 GEMM."""
     odd = ModelConfig(
         vocab_size=64, hidden_size=40, num_layers=1, num_heads=2, head_dim=20, ffn_hidden_size=60
     )
-    with pytest.raises(ConfigError, match="divisible by 16, a linear layer is 40 -> 80"):
-        apply_kernels(build(odd), BackendChoice(linear="te", fp8="delayed"))
-    apply_kernels(build(odd), BackendChoice(linear="te"))  # BF16 TE has no such limit
+    model = apply_kernels(build(odd), BackendChoice(linear="te", fp8="delayed"))
+    model(tokens(odd))
+    fp8 = fp8_context(BackendChoice(linear="te", fp8="delayed"))
+    with fp8, pytest.raises(ValueError, match="FP8 execution requires .* divisible by 16"):
+        model(tokens(odd))
 
 
 def test_fused_cross_entropy_matches_plain(fake_flash):

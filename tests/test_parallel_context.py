@@ -26,6 +26,7 @@ def test_megatron_order_tensor_fastest_then_data_then_pipeline():
     assert layout.pp_groups() == [[0, 4], [1, 5], [2, 6], [3, 7]]
     assert layout.embedding_groups() == [[0, 4], [1, 5], [2, 6], [3, 7]]
     assert layout.model_parallel_groups() == [[0, 1, 4, 5], [2, 3, 6, 7]]
+    assert layout.stage_groups() == [[0, 1, 2, 3], [4, 5, 6, 7]]
     assert layout.coords(5) == (1, 0, 1)  # (pp, dp, tp)
     assert RankLayout(tp=1, pp=4, dp=1).embedding_groups() == [[0, 3]]
 
@@ -40,6 +41,7 @@ def test_every_kind_of_group_partitions_the_world(tp, pp, dp):
         (layout.dp_groups(), dp),
         (layout.pp_groups(), pp),
         (layout.model_parallel_groups(), tp * pp),
+        (layout.stage_groups(), tp * dp),
     ):
         assert sorted(r for g in groups for r in g) == list(range(layout.world_size))
         assert all(len(g) == size for g in groups)
@@ -133,7 +135,7 @@ def groups_worker() -> dict:
     out = {}
     for label, ctx in (("tp2pp2", first), ("tp2dp2", second)):
         sums = {}
-        for kind in ("tp", "dp", "pp", "embedding", "mp"):
+        for kind in ("tp", "dp", "pp", "embedding", "mp", "stage"):
             value = torch.tensor([float(dist.get_rank())])
             dist.all_reduce(value, group=getattr(ctx, f"{kind}_group"))
             sums[kind] = value.item()
@@ -157,6 +159,7 @@ def test_groups_match_the_layout():
             "pp": layout.pp_groups(),
             "embedding": layout.embedding_groups(),
             "mp": layout.model_parallel_groups(),
+            "stage": layout.stage_groups(),
         }
         for rank, result in enumerate(results):
             for kind, members in groups.items():

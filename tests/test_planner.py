@@ -283,6 +283,7 @@ def test_dry_run_of_64_ranks_builds_every_group():
         "pp_group": (16, 4),
         "embedding_group": (16, 2),
         "mp_group": (8, 8),
+        "stage_group": (4, 16),
     }
     assert not dist.is_initialized()
     with pytest.raises(ConfigError, match="num_heads=16 is not divisible by parallel.tensor=3"):

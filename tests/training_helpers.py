@@ -71,7 +71,7 @@ def product_trainer(
     parts = build_training(cfg, ctx, real_vocab_size or cfg.model.vocab_size, bucket_numel=bucket_numel)
     trainer = Trainer(
         cfg, parts.model, parts.optimizer, data, None, loss_fn=parts.loss_fn, device=ctx.device,
-        run_dir=root / "run", hooks=parts.hooks,
+        run_dir=root / "run", hooks=parts.hooks, step_context=parts.step_context,
     )  # fmt: skip
     return trainer, parts
 

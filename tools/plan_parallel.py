@@ -38,7 +38,7 @@ from megatron_andromeda.planner import (
     recommend,
 )
 
-GROUPS = ("tp_group", "dp_group", "pp_group", "embedding_group", "mp_group")
+GROUPS = ("tp_group", "dp_group", "pp_group", "embedding_group", "mp_group", "stage_group")
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -153,6 +153,7 @@ def dry_run(layout: Layout, model: ModelConfig, seq_length: int) -> dict[str, tu
         "pp_group": ranks.pp_groups(),
         "embedding_group": ranks.embedding_groups(),
         "mp_group": ranks.model_parallel_groups(),
+        "stage_group": ranks.stage_groups(),
     }
     if dist.is_initialized():
         raise RuntimeError("dry_run needs a process without a default process group")

@@ -26,6 +26,15 @@ the manifest gives; safetensors headers are checked against the file (a pickle o
 is named as such); the pieces of every tensor must tile it exactly once (slices.check_tiling). All
 of it is checked before any weight is used; failures are CheckpointError naming file and entry.
 
+What is saved is the model's named parameters (and the optimizer's state of them), whatever
+kernels the run used: Transformer Engine modules hold the same parameters under the same names
+(te_layers.py), so checkpoints move between TE and plain runs at any layout. TE's FP8 metadata
+(`_extra_state`: delayed scaling's amax histories and scales) is deliberately not saved: it is a
+pickle (loading it would unpickle untrusted bytes), it belongs to one rank's shards of one layout,
+and it is rebuilt by the run itself. After a resume with `backend.fp8=delayed` the first micro-batch
+quantizes with TE's initial scales, as the first step of a fresh run does, and the history fills
+again over `amax_history_len` (16) steps; current scaling keeps no such state.
+
 Modules: storage (files, atomic commit, `latest`, verification), slices (shard specs, global boxes),
 state (who writes what, RNG), saver (Checkpointer, sync and async), loader (any layout into any
 model and optimizer), reshard (offline layout changes, weights-only checkpoints).

@@ -43,6 +43,7 @@ class ParallelContext:
     pp_group: dist.ProcessGroup | None = None
     embedding_group: dist.ProcessGroup | None = None
     mp_group: dist.ProcessGroup | None = None
+    stage_group: dist.ProcessGroup | None = None  # tensor x data ranks of this pipeline stage
     rng: RNGTracker = field(default_factory=RNGTracker)
     # What close() stops before the groups go (e.g. the pipeline watchdog's thread), newest first.
     _on_close: list[Callable[[], None]] = field(default_factory=list, repr=False, compare=False)
@@ -82,6 +83,7 @@ class ParallelContext:
             ("pp_group", layout.pp_groups()),
             ("embedding_group", layout.embedding_groups()),
             ("mp_group", layout.model_parallel_groups()),
+            ("stage_group", layout.stage_groups()),
         ):
             for ranks in members:
                 group = dist.new_group(ranks, timeout=timeout)

@@ -6,7 +6,8 @@ the pipeline builder its layer spans, the schedule its micro-batch count, the tr
 accumulation steps and data slice, the checkpointer its placement. Nothing re-derives these values
 from the config, and a bad launch fails in seconds on every rank, before `init_process_group`.
 
-The rules are plain functions raising `ConfigError` that name the fields to change; the planner
+The rules are plain functions raising `ConfigError` that name the fields to change (FP8's rules
+too: `check_fp8`, per tensor-parallel shard); the planner
 (`megatron_andromeda/planner.py`) runs the same functions over candidate layouts.
 
 Rank order (Megatron's): the tensor rank varies fastest, then data, then pipeline,
@@ -25,6 +26,7 @@ from typing import TYPE_CHECKING
 
 from megatron_andromeda.errors import ConfigError
 from megatron_andromeda.models.config import ModelConfig
+from megatron_andromeda.parallel.sharding import shard_qkv_layout
 
 if TYPE_CHECKING:
     from megatron_andromeda.config import ParallelConfig, RunConfig
@@ -87,6 +89,12 @@ class RankLayout:
             [self.rank_of(p, d, t) for p in range(self.pp) for t in range(self.tp)] for d in range(self.dp)
         ]
 
+    def stage_groups(self) -> list[list[int]]:
+        """All tensor x data ranks of one pipeline stage: they run the same layers (FP8 amax reduction)."""
+        return [
+            [self.rank_of(p, d, t) for d in range(self.dp) for t in range(self.tp)] for p in range(self.pp)
+        ]
+
     def describe(self) -> str:
         lines = [
             f"rank layout: world {self.world_size} = tensor {self.tp} x data {self.dp} x pipeline {self.pp}"
@@ -98,6 +106,7 @@ class RankLayout:
             ("pipeline", self.pp_groups()),
             ("embedding", self.embedding_groups()),
             ("model-parallel", self.model_parallel_groups()),
+            ("stage", self.stage_groups()),
         ):
             lines.append(f"  {title + ' groups:':24s}{' '.join(str(g) for g in groups)}")
         return "\n".join(lines)
@@ -201,6 +210,62 @@ def check_sequence_parallel(sequence_parallel: bool, tp: int, seq_length: int | 
         )
 
 
+FP8_WIDTH_MULTIPLE = 16  # TE's FP8 GEMMs: both dimensions of every weight (shard) divisible by 16
+FP8_TOKEN_MULTIPLE = 8  # ... and the tokens of a micro-batch (the GEMMs' other dimension) by 8
+
+
+def _check_fp8_shapes(fp8: str, model: ModelConfig, tp: int) -> None:
+    """Every block GEMM's weight shard (after the tensor split) has both dimensions divisible by 16.
+
+    The shards: qkv (its rows) x hidden, hidden x o_proj (its columns), gate_up / up (rows) x hidden,
+    hidden x down_proj (columns). The output head stays in BF16 and is not checked.
+    """
+    m, fix = FP8_WIDTH_MULTIPLE, "or set backend.fp8=none"
+    if model.hidden_size % m:
+        raise ConfigError(
+            f"backend.fp8={fp8}: model.hidden_size={model.hidden_size} is not a multiple of {m} (every block "
+            f"GEMM reads or writes the residual width; FP8 GEMMs need multiples of {m}); change it {fix}"
+        )
+    qkv = shard_qkv_layout(model, tp)
+    if qkv.rows % m or qkv.q_rows % m:
+        raise ConfigError(
+            f"backend.fp8={fp8}: at parallel.tensor={tp} each rank's qkv projection has {qkv.rows} rows and "
+            f"its o_proj {qkv.q_rows} columns (model.num_heads={model.num_heads}, model.num_kv_heads="
+            f"{model.num_kv_heads}, head width {model.kv_channels}), not multiples of {m}; make "
+            f"model.head_dim a multiple of {m} {fix}"
+        )
+    ffn = model.ffn_size // tp
+    if ffn % m:
+        raise ConfigError(
+            f"backend.fp8={fp8}: model.ffn_hidden_size={model.ffn_size} over parallel.tensor={tp} gives each "
+            f"rank {ffn} MLP columns, not a multiple of {m}; use a model.ffn_hidden_size divisible by "
+            f"{m * tp} {fix}"
+        )
+
+
+def check_fp8(
+    fp8: str, model: ModelConfig, tp: int, micro_batch_size: int, seq_length: int | None, recompute: str
+) -> None:
+    """What FP8 through Transformer Engine needs of the layout: GEMM shapes per shard, whole token
+    blocks, and no full-block recomputation (its re-run forward would leave FP8 autocast)."""
+    if fp8 == "none":
+        return
+    _check_fp8_shapes(fp8, model, tp)
+    if seq_length is not None and (micro_batch_size * seq_length) % FP8_TOKEN_MULTIPLE:
+        raise ConfigError(
+            f"backend.fp8={fp8}: a micro-batch of train.micro_batch_size={micro_batch_size} x "
+            f"data.seq_length={seq_length} tokens is not a multiple of {FP8_TOKEN_MULTIPLE} (the rows of "
+            "every FP8 GEMM); "
+            "change one of them or set backend.fp8=none"
+        )
+    if recompute == "full":
+        raise ConfigError(
+            f"backend.fp8={fp8} with parallel.recompute=full: the backward would re-run every block's TE "
+            "GEMMs outside FP8 autocast, unlike its forward; use parallel.recompute=selective (it "
+            "recomputes only the attention core, which has no TE GEMM) or none, or set backend.fp8=none"
+        )
+
+
 def split_layers(
     num_layers: int, pipeline: int, virtual_stages: int = 1, layers_per_stage: Sequence[int] | None = None
 ) -> list[range]:
@@ -301,6 +366,7 @@ def plan_layout(cfg: RunConfig, world_size: int) -> RunLayout:
     spans = split_layers(cfg.model.num_layers, ranks.pp, pc.virtual_stages, pc.layers_per_stage)
     num_microbatches = check_batch(tc.global_batch_size, tc.micro_batch_size, ranks.dp)
     check_schedule(ranks.pp, pc.virtual_stages, pc.schedule, num_microbatches)
+    check_fp8(cfg.backend.fp8, cfg.model, ranks.tp, tc.micro_batch_size, cfg.data.seq_length, pc.recompute)
     return RunLayout(
         ranks.tp, ranks.pp, ranks.dp,
         sequence_parallel=pc.sequence_parallel,

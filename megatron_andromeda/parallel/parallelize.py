@@ -57,6 +57,7 @@ from megatron_andromeda.parallel.tensor_parallel import (
     enter_region,
     grad_norm_squared,
     leave_region,
+    mark_partial_gradient,
     sum_partial_grads,
     tensor_parallel_parameter,
 )
@@ -78,7 +79,7 @@ def parallelize_model(model: GPTModel, ctx: ParallelContext, parallel_cfg: Paral
         _split_sequence_inside_stage(model, ctx)
         for name, param in model.named_parameters():
             if split_kind(name) == "replicated":  # norms applied to sequence shards: partial gradients
-                param.sequence_parallel = True
+                mark_partial_gradient(param)
     if model.rotary is None:  # ALiBi: this rank's heads only
         heads = model.cfg.num_heads // ctx.tp_size
         model.alibi_slopes = model.alibi_slopes[ctx.tp_rank * heads : (ctx.tp_rank + 1) * heads].clone()

@@ -16,8 +16,9 @@ a parallel block share one collective each way.
 
 Parameter tags read by `sum_partial_grads` and `grad_norm_squared`:
 - `tensor_parallel`: the parameter is a shard (its gradient is complete, counted once per rank);
-- `sequence_parallel`: replicated weight applied to a sequence shard (norms under sequence
-  parallelism): each rank's gradient is a partial sum over its tokens;
+- `sequence_parallel`: a replicated weight whose gradient on each rank is a partial sum (the name
+  TE and Megatron give this tag): norms under sequence parallelism (each rank saw its tokens) and
+  norms fused into a Transformer Engine LayerNormLinear (each rank's output feeds its own columns);
 - `tp_replicated_rows`: rows of a shard that several ranks hold (KV heads when there are fewer
   than the tensor degree): each rank's gradient covers only its own query heads' use of them.
 """
@@ -50,6 +51,12 @@ def tensor_parallel_parameter(weight: torch.Tensor) -> nn.Parameter:
     param = nn.Parameter(weight.detach().clone())
     param.tensor_parallel = True
     return param
+
+
+def mark_partial_gradient(param: nn.Parameter) -> None:
+    """Tag a replicated weight whose gradient each tensor rank holds only part of (summed over the
+    tensor group after the backward, counted once in the global norm)."""
+    param.sequence_parallel = True
 
 
 def enter_region(x: torch.Tensor, group: Group, sequence_parallel: bool) -> torch.Tensor:
@@ -95,6 +102,11 @@ class ColumnParallelLinear(nn.Module):
         y = F.linear(x, self.weight)  # (B, T, out / tp)
         return gather_from_tensor_parallel_region(y, self.group) if self.gather_output else y
 
+    @property
+    def local_gemm(self) -> bool:
+        """Whether forward is a plain GEMM on the shard (no collective): what a kernel may replace."""
+        return self.input_mode == "in_region" and not self.gather_output
+
     def extra_repr(self) -> str:
         rows, cols = self.weight.shape
         return f"in={cols}, out_local={rows}, tp={group_size(self.group)}, input_mode={self.input_mode}"
@@ -120,6 +132,11 @@ class RowParallelLinear(nn.Module):
         if self.output_mode == "partial":
             return y
         return leave_region(y, self.group, self.output_mode == "sequence")
+
+    @property
+    def local_gemm(self) -> bool:
+        """Whether forward is a plain GEMM on the shard (no collective): what a kernel may replace."""
+        return self.output_mode == "partial"
 
     def extra_repr(self) -> str:
         rows, cols = self.weight.shape
