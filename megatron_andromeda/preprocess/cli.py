@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import sys
 
+from megatron_andromeda.data.tokenizer import TOKENIZER_BACKENDS
 from megatron_andromeda.preprocess.cleaning import CleaningConfig
 from megatron_andromeda.preprocess.dedup import MinHasher
 from megatron_andromeda.preprocess.pipeline import PreprocessConfig, run
@@ -42,14 +43,29 @@ def build_parser() -> argparse.ArgumentParser:
     io.add_argument("--json-keys", nargs="+", default=["text"], metavar="KEY", help="text field(s)")
     io.add_argument("--output-prefix", required=True)
     io.add_argument("--tokenizer", required=True, help="tokenizer.json (HF fast) or SentencePiece .model")
+    io.add_argument(
+        "--tokenizer-backend",
+        default="auto",
+        choices=TOKENIZER_BACKENDS,
+        help="library that encodes: auto (default) takes gigatoken when it is installed, loads the "
+        "tokenizer and gives the same ids as the file's own library on probe texts and the first "
+        "documents, else tokenizers (tokenizer.json) or sentencepiece (.model)",
+    )
     io.add_argument("--append-eod", action="store_true", help="end every document with the EOD token")
     run_group = p.add_argument_group("execution")
-    run_group.add_argument("--workers", type=int, default=2, help="worker processes (0: in the main process)")
+    run_group.add_argument(
+        "--workers",
+        type=int,
+        default=None,
+        help="worker processes (0: the main process). Default: with cleaning or dedup, one per core; "
+        "without, 0 for gigatoken (it encodes on all cores with the GIL released) and one per core "
+        "for the other backends",
+    )
     run_group.add_argument(
         "--threads-per-worker",
         type=int,
         default=None,
-        help="tokenizer threads per worker (default: cores / workers)",
+        help="tokenizer threads per process (default: 1 in worker processes, all cores in the main process)",
     )
     run_group.add_argument("--chunk-mb", type=float, default=1.0, help="JSONL chunk size sent to a worker")
     split = p.add_argument_group("split")
@@ -107,6 +123,7 @@ def config_from_args(args: argparse.Namespace) -> PreprocessConfig:
         inputs=tuple(args.input),
         output_prefix=args.output_prefix,
         tokenizer=args.tokenizer,
+        tokenizer_backend=args.tokenizer_backend,
         json_keys=tuple(args.json_keys),
         workers=args.workers,
         threads_per_worker=args.threads_per_worker,

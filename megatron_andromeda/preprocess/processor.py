@@ -1,25 +1,28 @@
-"""Worker-side processing of one chunk: decode, clean, fingerprint, split and tokenize.
+"""Per-chunk processing: decode, clean, fingerprint and split (`prepare`), then tokenize (`tokenize`).
 
-Everything expensive and independent per document happens here, in the worker processes: JSON
-decoding, cleaning and quality rules, dedup digests and MinHash band keys, the split hash, and
-tokenization (one `encode_batch` call per chunk and key, so the tokenizer's own Rust threads do the
-work). A chunk comes back as flat token arrays, cheap to pickle. The decisions that need the whole
-run (is this a duplicate of an earlier document?) are left to the main process.
+Everything expensive and independent per document happens here: JSON decoding (in C++ where exact,
+see fast_decode.py), cleaning and quality
+rules, dedup digests and MinHash band keys, the split hash, and tokenization (one batched call per
+chunk and key into the tokenizer's own Rust code). The two halves are separate so the in-process run
+can prepare the next chunk on one thread while the tokenizer, which releases the GIL, encodes this
+one on its thread pool; worker processes simply run both. A chunk comes back as flat token arrays
+(end-of-document ids already in place), cheap to pickle and written with one call. The decisions that
+need the whole run (is this a duplicate of an earlier document?) are left to the main process.
 """
 
 from __future__ import annotations
 
-import itertools
-import json
 import os
 from dataclasses import dataclass
 from itertools import repeat
 
 import numpy as np
 
+from megatron_andromeda.data.tokenizer import Tokenizer, load_tokenizer
 from megatron_andromeda.preprocess.cleaning import CleaningConfig, clean_text, quality_reason
 from megatron_andromeda.preprocess.dedup import MinHasher, exact_digest
-from megatron_andromeda.preprocess.readers import RawChunk, decode_chunk
+from megatron_andromeda.preprocess.fast_decode import decode_chunk_fast
+from megatron_andromeda.preprocess.readers import RawChunk
 from megatron_andromeda.preprocess.split import Splitter
 from megatron_andromeda.preprocess.words import Words, split_words
 
@@ -36,6 +39,22 @@ class ProcessorSettings:
     exact_dedup: bool
     minhash: MinHasher | None
     split_weights: tuple[float, float, float] | None  # None: everything goes to split 0
+    tokenizer_backend: str | None = None  # the backend the main process chose and checked
+    tokenizer_threads: int = 1  # threads of the tokenizer's pool; 1 encodes on the calling thread
+
+
+@dataclass
+class PreparedChunk:
+    """A chunk's candidates before tokenization: the well-formed records that passed the rules."""
+
+    file_index: int
+    num_records: int
+    dropped: list[tuple[str, int]]  # (reason, line) of malformed or low-quality records
+    texts: list[tuple[str, ...]]  # (K,) one text per key
+    lines: np.ndarray  # (K,) line of each candidate
+    splits: np.ndarray  # (K,) int8 split index
+    digests: list[bytes] | None  # (K,) exact-dedup digests
+    band_keys: np.ndarray | None  # (K, bands) uint64 MinHash LSH keys
 
 
 @dataclass
@@ -57,21 +76,44 @@ class ChunkResult:
         return int(self.lines.size)
 
 
+def with_eod(
+    flat: np.ndarray, lengths: np.ndarray, eod: int | None, dtype: np.dtype
+) -> tuple[np.ndarray, np.ndarray]:
+    """`flat` (documents back to back, `lengths` ids each) as `dtype`, with `eod` after every document."""
+    if eod is None:
+        return flat.astype(dtype, copy=False), lengths
+    sizes = lengths + 1
+    out = np.empty(int(flat.size + lengths.size), dtype=dtype)
+    ends = np.cumsum(sizes) - 1  # (K,) where each document's EOD goes
+    is_text = np.ones(out.size, dtype=bool)
+    is_text[ends] = False
+    out[is_text] = flat
+    out[ends] = eod
+    return out, sizes
+
+
 class ChunkProcessor:
     """Turns `RawChunk`s into `ChunkResult`s; one per worker process (or one in-process)."""
 
-    def __init__(self, settings: ProcessorSettings) -> None:
-        from megatron_andromeda.data.tokenizer import load_tokenizer
-
+    def __init__(self, settings: ProcessorSettings, tokenizer: Tokenizer | None = None) -> None:
         self.settings = settings
-        self.tokenizer = load_tokenizer(settings.tokenizer_path)
+        if tokenizer is None:  # a worker: the main process already chose and checked the backend
+            tokenizer = load_tokenizer(
+                settings.tokenizer_path, settings.tokenizer_backend, verify=False,
+                parallel=settings.tokenizer_threads > 1,
+            )  # fmt: skip
+        self.tokenizer = tokenizer
         self.eod = self.tokenizer.eod_id if settings.append_eod else None
         self.dtype = np.dtype(settings.dtype)
         self.splitter = Splitter(settings.split_weights) if settings.split_weights else None
 
     def __call__(self, chunk: RawChunk) -> ChunkResult:
+        return self.tokenize(self.prepare(chunk))
+
+    def prepare(self, chunk: RawChunk) -> PreparedChunk:
+        """Decode, clean, fingerprint and split a chunk (Python work, holds the GIL)."""
         s = self.settings
-        decoded = decode_chunk(chunk, s.json_keys, json.loads)  # JSON is ~1% of the time: stdlib
+        decoded = decode_chunk_fast(chunk, s.json_keys)
         dropped = list(decoded.malformed)
         texts, lines = decoded.texts, decoded.lines
         words: list[Words | None] = [None] * len(texts)
@@ -89,15 +131,23 @@ class ChunkProcessor:
         splits = np.zeros(len(joined), dtype=np.int8)
         if self.splitter is not None:
             splits[:] = [self.splitter.split_of(t.encode("utf-8")) for t in joined]
+        return PreparedChunk(
+            chunk.file_index, len(chunk), dropped, texts, np.asarray(lines, dtype=np.int64), splits,
+            digests, band_keys,
+        )  # fmt: skip
+
+    def tokenize(self, prepared: PreparedChunk) -> ChunkResult:
+        """Tokenize every candidate, one batched call per key (the tokenizer releases the GIL)."""
         tokens, lengths = [], []
-        for k in range(len(s.json_keys)):
-            flat, sizes = self._tokenize([t[k] for t in texts])
+        for k in range(len(self.settings.json_keys)):
+            flat, sizes = self.tokenizer.encode_flat([t[k] for t in prepared.texts])
+            flat, sizes = with_eod(flat, sizes, self.eod, self.dtype)
             tokens.append(flat)
             lengths.append(sizes)
+        p = prepared
         return ChunkResult(
-            chunk.file_index, len(chunk), dropped, np.asarray(lines, dtype=np.int64), splits,
-            digests, band_keys, tokens, lengths,
-        )  # fmt: skip
+            p.file_index, p.num_records, p.dropped, p.lines, p.splits, p.digests, p.band_keys, tokens, lengths
+        )
 
     def _clean(
         self, texts: list[tuple[str, ...]], lines: list[int], dropped: list[tuple[str, int]]
@@ -119,16 +169,6 @@ class ChunkProcessor:
                 dropped.append((reason, line))
         return kept_texts, kept_lines, kept_words
 
-    def _tokenize(self, texts: list[str]) -> tuple[np.ndarray, np.ndarray]:
-        """All `texts` tokenized (plus EOD) as one flat array and per-document lengths."""
-        ids = self.tokenizer.encode_batch(texts) if texts else []
-        if self.eod is not None:
-            for doc in ids:
-                doc.append(self.eod)
-        sizes = np.fromiter(map(len, ids), dtype=np.int64, count=len(ids))
-        flat = np.fromiter(itertools.chain.from_iterable(ids), dtype=self.dtype, count=int(sizes.sum()))
-        return flat, sizes
-
 
 # ------------------------------------------------------------------ multiprocessing worker entry points
 # Each worker process builds its processor once, in the pool initializer, and keeps it for its lifetime
@@ -136,11 +176,12 @@ class ChunkProcessor:
 _WORKER: ChunkProcessor | None = None
 
 
-def init_worker(settings: ProcessorSettings, threads: int) -> None:
-    """Pool initializer: cap the tokenizer's Rust thread pool, then load the tokenizer."""
+def init_worker(settings: ProcessorSettings) -> None:
+    """Pool initializer: size the tokenizer's Rust thread pool, then load the tokenizer."""
     global _WORKER
-    os.environ["RAYON_NUM_THREADS"] = str(threads)
-    os.environ["RAYON_RS_NUM_CPUS"] = str(threads)
+    threads = str(settings.tokenizer_threads)
+    os.environ["RAYON_NUM_THREADS"] = threads  # gigatoken's pool and the tokenizers library's
+    os.environ["RAYON_RS_NUM_CPUS"] = threads  # the tokenizers library's older name
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "true")
     _WORKER = ChunkProcessor(settings)
 
