@@ -1,18 +1,23 @@
 // Hot loops of the preprocessing pipeline, exposed to Python via pybind11 as
 // megatron_andromeda.preprocess._fast.
 //
-// decode_jsonl_texts: the text fields of JSONL lines, parsed with the GIL released. It is exact by
-// construction rather than by imitation: a line gets a result only when it is well-formed UTF-8 and
-// strict RFC 8259 JSON that Python's json.loads would turn into a dict whose requested keys all hold
-// strings without lone surrogates; every other line comes back as None and Python decodes it (and
-// reports why it is malformed). For the lines it does take, the strings are the ones json.loads
-// gives. megatron_andromeda/preprocess/fast_decode.py holds the Python definition; a property test
-// holds them equal.
+// decode_jsonl_texts: the text fields of JSONL lines as UTF-8 bytes, parsed with the GIL released.
+// It is exact by construction rather than by imitation: a line gets a result only when it is
+// well-formed UTF-8 and strict RFC 8259 JSON that Python's json.loads would turn into a dict whose
+// requested keys all hold strings without lone surrogates; every other line comes back as None and
+// Python decodes it (and reports why it is malformed). For the lines it does take, the bytes are the
+// UTF-8 encoding of the strings json.loads gives. megatron_andromeda/preprocess/fast_decode.py holds
+// the Python definition; a property test holds them equal.
+//
+// flatten_with_eod: documents' token ids back to back, re-typed, with an end-of-document id after
+// each (processor.with_eod is the NumPy definition).
+#include <pybind11/numpy.h>
 #include <pybind11/pybind11.h>
 #include <pybind11/stl.h>
 
 #include <cstdint>
 #include <cstring>
+#include <stdexcept>
 #include <string>
 #include <vector>
 
@@ -25,42 +30,40 @@ constexpr int kMaxDepth = 64;
 // Longer numbers go to Python: it refuses integers of more than 4300 digits.
 constexpr std::ptrdiff_t kMaxNumberChars = 1000;
 
-// Strict UTF-8 as Python's decoder accepts it: no overlong forms, no surrogates, nothing past U+10FFFF.
-bool valid_utf8(const uint8_t* s, size_t n) {
-  size_t i = 0;
-  while (i < n) {
-    while (i + 8 <= n) {  // ASCII fast path, 8 bytes at a time
-      uint64_t block;
-      std::memcpy(&block, s + i, 8);
-      if (block & 0x8080808080808080ULL) break;
-      i += 8;
-    }
-    if (i >= n) break;
-    const uint8_t c = s[i];
-    if (c < 0x80) {
-      ++i;
-      continue;
-    }
-    auto cont = [&](size_t k) { return i + k < n && (s[i + k] & 0xC0) == 0x80; };
-    if (c < 0xC2) return false;
-    if (c < 0xE0) {
-      if (!cont(1)) return false;
-      i += 2;
-    } else if (c < 0xF0) {
-      if (!cont(1) || !cont(2)) return false;
-      if (c == 0xE0 && s[i + 1] < 0xA0) return false;   // overlong
-      if (c == 0xED && s[i + 1] >= 0xA0) return false;  // UTF-16 surrogate
-      i += 3;
-    } else if (c < 0xF5) {
-      if (!cont(1) || !cont(2) || !cont(3)) return false;
-      if (c == 0xF0 && s[i + 1] < 0x90) return false;   // overlong
-      if (c == 0xF4 && s[i + 1] >= 0x90) return false;  // past U+10FFFF
-      i += 4;
-    } else {
-      return false;
-    }
+constexpr uint64_t kOnes = 0x0101010101010101ULL;
+constexpr uint64_t kHighs = 0x8080808080808080ULL;
+
+// Whether any of the 8 bytes in `v` needs a closer look inside a JSON string: a quote, a backslash,
+// a control character (< 0x20) or a non-ASCII byte. Never a false negative (SWAR zero-byte tests).
+inline bool has_string_special(uint64_t v) {
+  const uint64_t quote = v ^ (kOnes * '"');
+  const uint64_t slash = v ^ (kOnes * '\\');
+  const uint64_t zero_quote = (quote - kOnes) & ~quote;
+  const uint64_t zero_slash = (slash - kOnes) & ~slash;
+  const uint64_t control = (v - kOnes * 0x20) & ~v;
+  return ((zero_quote | zero_slash | control | v) & kHighs) != 0;
+}
+
+// Length of the valid UTF-8 sequence starting with the non-ASCII byte at p, or 0. Strict as Python's
+// decoder: no overlong forms, no encoded surrogates, nothing past U+10FFFF.
+inline int utf8_sequence(const uint8_t* p, const uint8_t* end) {
+  const uint8_t c = p[0];
+  auto cont = [&](int k) { return end - p > k && (p[k] & 0xC0) == 0x80; };
+  if (c < 0xC2) return 0;
+  if (c < 0xE0) return cont(1) ? 2 : 0;
+  if (c < 0xF0) {
+    if (!cont(1) || !cont(2)) return 0;
+    if (c == 0xE0 && p[1] < 0xA0) return 0;   // overlong
+    if (c == 0xED && p[1] >= 0xA0) return 0;  // UTF-16 surrogate
+    return 3;
   }
-  return true;
+  if (c < 0xF5) {
+    if (!cont(1) || !cont(2) || !cont(3)) return 0;
+    if (c == 0xF0 && p[1] < 0x90) return 0;   // overlong
+    if (c == 0xF4 && p[1] >= 0x90) return 0;  // past U+10FFFF
+    return 4;
+  }
+  return 0;
 }
 
 int hex_value(uint8_t c) {
@@ -99,77 +102,26 @@ void append_utf8(std::string& out, uint32_t cp) {
   }
 }
 
-constexpr uint64_t kOnes = 0x0101010101010101ULL;
-constexpr uint64_t kHighs = 0x8080808080808080ULL;
-
-// Whether any of the 8 bytes in `v` is a quote, a backslash or a control character (< 0x20): the
-// bytes a JSON string scan must stop at. Exact (SWAR zero-byte test on v ^ '"', v ^ '\\' and v < 0x20).
-inline bool has_string_special(uint64_t v) {
-  const uint64_t quote = v ^ (kOnes * '"');
-  const uint64_t slash = v ^ (kOnes * '\\');
-  const uint64_t zero_quote = (quote - kOnes) & ~quote;
-  const uint64_t zero_slash = (slash - kOnes) & ~slash;
-  const uint64_t control = (v - kOnes * 0x20) & ~v;
-  return ((zero_quote | zero_slash | control) & kHighs) != 0;
-}
-
-// A JSON string's body (between the quotes), still escaped when `escaped`.
-struct StringSpan {
-  const uint8_t* data = nullptr;
+// Where a requested key's decoded value lives in the arena; `state` 0 absent, 1 string, 2 other.
+struct Capture {
+  size_t offset = 0;
   size_t size = 0;
-  bool escaped = false;
-};
-
-// Append the decoded body of a string that scan_string accepted (so every escape is valid and every
-// \u surrogate is paired).
-void decode_string(const StringSpan& s, std::string& out) {
-  const uint8_t* p = s.data;
-  const uint8_t* end = s.data + s.size;
-  while (p < end) {
-    const uint8_t* slash = static_cast<const uint8_t*>(std::memchr(p, '\\', end - p));
-    if (slash == nullptr) slash = end;
-    out.append(reinterpret_cast<const char*>(p), slash - p);
-    if (slash == end) break;
-    p = slash + 1;
-    const uint8_t e = *p++;
-    switch (e) {
-      case 'b': out.push_back('\b'); break;
-      case 'f': out.push_back('\f'); break;
-      case 'n': out.push_back('\n'); break;
-      case 'r': out.push_back('\r'); break;
-      case 't': out.push_back('\t'); break;
-      case 'u': {
-        uint32_t cp = static_cast<uint32_t>(hex4(p));
-        p += 4;
-        if (cp >= 0xD800 && cp <= 0xDBFF) {  // a high surrogate: scan_string checked the low one follows
-          const uint32_t low = static_cast<uint32_t>(hex4(p + 2));
-          cp = 0x10000 + ((cp - 0xD800) << 10) + (low - 0xDC00);
-          p += 6;
-        }
-        append_utf8(out, cp);
-        break;
-      }
-      default: out.push_back(static_cast<char>(e)); break;  // '"', '\\' and '/'
-    }
-  }
-}
-
-// Requested keys of the top-level object: the last occurrence of each wins, as in a Python dict.
-struct Captures {
-  const std::vector<std::string>* keys = nullptr;
-  std::vector<StringSpan> values;
-  std::vector<uint8_t> state;  // 0 absent, 1 string, 2 something else
+  uint8_t state = 0;
 };
 
 class LineParser {
  public:
-  LineParser(const uint8_t* begin, const uint8_t* end) : p_(begin), end_(end) {}
+  LineParser(const uint8_t* begin, const uint8_t* end, const std::vector<std::string>& keys,
+             std::string& arena)
+      : p_(begin), end_(end), keys_(keys), arena_(arena) {}
 
-  // True when the line is one object (surrounded by JSON whitespace only), filling `captures`.
-  bool parse_line(Captures& captures) {
+  // True when the line is one object (with JSON whitespace around it only); the requested keys'
+  // last values are then in `captures` (decoded into the arena).
+  bool parse_line(std::vector<Capture>& captures) {
+    captures_ = &captures;
     skip_ws();
     if (p_ >= end_ || *p_ != '{') return false;
-    if (!parse_object(1, &captures)) return false;
+    if (!parse_object(1, true)) return false;
     skip_ws();
     return p_ == end_;
   }
@@ -179,14 +131,17 @@ class LineParser {
     while (p_ < end_ && (*p_ == ' ' || *p_ == '\t' || *p_ == '\n' || *p_ == '\r')) ++p_;
   }
 
-  // At an opening quote: moves past the closing one. False for anything json.loads rejects (raw
-  // control characters, bad escapes, unterminated) and for lone surrogate escapes.
-  bool parse_string(StringSpan* span) {
+  // At an opening quote: moves past the closing one, appending the decoded body to `dest` unless it
+  // is null. False for anything json.loads rejects (raw control characters, bad escapes, invalid
+  // UTF-8, unterminated) and for lone surrogate escapes (json.loads keeps those; Python handles it).
+  bool parse_string(std::string* dest) {
     ++p_;
-    const uint8_t* start = p_;
-    bool escaped = false;
+    const uint8_t* run = p_;  // ordinary bytes not yet appended
+    auto flush = [&]() {
+      if (dest != nullptr) dest->append(reinterpret_cast<const char*>(run), p_ - run);
+    };
     while (true) {
-      while (end_ - p_ >= 8) {  // 8 ordinary bytes at a time
+      while (end_ - p_ >= 8) {  // 8 ordinary ASCII bytes at a time
         uint64_t block;
         std::memcpy(&block, p_, 8);
         if (has_string_special(block)) break;
@@ -195,36 +150,63 @@ class LineParser {
       if (p_ >= end_) return false;
       const uint8_t c = *p_;
       if (c == '"') {
-        if (span != nullptr) *span = StringSpan{start, static_cast<size_t>(p_ - start), escaped};
+        flush();
         ++p_;
         return true;
       }
       if (c < 0x20) return false;
+      if (c >= 0x80) {
+        const int n = utf8_sequence(p_, end_);
+        if (n == 0) return false;
+        p_ += n;
+        continue;
+      }
       if (c != '\\') {
         ++p_;
         continue;
       }
-      escaped = true;
-      if (end_ - p_ < 2) return false;
-      const uint8_t e = p_[1];
-      if (e == 'u') {
-        if (end_ - p_ < 6) return false;
-        const int32_t cp = hex4(p_ + 2);
-        if (cp < 0 || (cp >= 0xDC00 && cp <= 0xDFFF)) return false;
-        p_ += 6;
-        if (cp >= 0xD800 && cp <= 0xDBFF) {
-          if (end_ - p_ < 6 || p_[0] != '\\' || p_[1] != 'u') return false;
-          const int32_t low = hex4(p_ + 2);
-          if (low < 0xDC00 || low > 0xDFFF) return false;
-          p_ += 6;
-        }
-      } else if (e == '"' || e == '\\' || e == '/' || e == 'b' || e == 'f' || e == 'n' || e == 'r' ||
-                 e == 't') {
-        p_ += 2;
-      } else {
-        return false;
-      }
+      flush();
+      if (!parse_escape(dest)) return false;
+      run = p_;
     }
+  }
+
+  // At a backslash inside a string: moves past the escape, appending what it stands for.
+  bool parse_escape(std::string* dest) {
+    if (end_ - p_ < 2) return false;
+    const uint8_t e = p_[1];
+    char simple = 0;
+    switch (e) {
+      case '"': simple = '"'; break;
+      case '\\': simple = '\\'; break;
+      case '/': simple = '/'; break;
+      case 'b': simple = '\b'; break;
+      case 'f': simple = '\f'; break;
+      case 'n': simple = '\n'; break;
+      case 'r': simple = '\r'; break;
+      case 't': simple = '\t'; break;
+      case 'u': break;
+      default: return false;
+    }
+    if (simple != 0) {
+      if (dest != nullptr) dest->push_back(simple);
+      p_ += 2;
+      return true;
+    }
+    if (end_ - p_ < 6) return false;
+    const int32_t high = hex4(p_ + 2);
+    if (high < 0 || (high >= 0xDC00 && high <= 0xDFFF)) return false;
+    uint32_t cp = static_cast<uint32_t>(high);
+    p_ += 6;
+    if (cp >= 0xD800 && cp <= 0xDBFF) {  // a high surrogate must pair with a low one here
+      if (end_ - p_ < 6 || p_[0] != '\\' || p_[1] != 'u') return false;
+      const int32_t low = hex4(p_ + 2);
+      if (low < 0xDC00 || low > 0xDFFF) return false;
+      cp = 0x10000 + ((cp - 0xD800) << 10) + (static_cast<uint32_t>(low) - 0xDC00);
+      p_ += 6;
+    }
+    if (dest != nullptr) append_utf8(*dest, cp);
+    return true;
   }
 
   bool parse_number() {
@@ -261,7 +243,7 @@ class LineParser {
     if (p_ >= end_) return false;
     switch (*p_) {
       case '"': return parse_string(nullptr);
-      case '{': return parse_object(depth + 1, nullptr);
+      case '{': return parse_object(depth + 1, false);
       case '[': return parse_array(depth + 1);
       case 't': return parse_literal("true", 4);
       case 'f': return parse_literal("false", 5);
@@ -292,23 +274,36 @@ class LineParser {
     }
   }
 
-  // Index of the requested key equal to `key`, or -1.
-  static int match_key(const StringSpan& key, const std::vector<std::string>& keys, std::string& scratch) {
-    const char* data = reinterpret_cast<const char*>(key.data);
-    size_t size = key.size;
-    if (key.escaped) {
-      scratch.clear();
-      decode_string(key, scratch);
-      data = scratch.data();
-      size = scratch.size();
-    }
-    for (size_t k = 0; k < keys.size(); ++k) {
-      if (keys[k].size() == size && std::memcmp(keys[k].data(), data, size) == 0) return static_cast<int>(k);
+  // Index of the requested key equal to the decoded key, or -1.
+  int match_key(const std::string& key) const {
+    for (size_t k = 0; k < keys_.size(); ++k) {
+      if (keys_[k] == key) return static_cast<int>(k);
     }
     return -1;
   }
 
-  bool parse_object(int depth, Captures* captures) {
+  bool parse_member(int depth, bool top) {
+    if (p_ >= end_ || *p_ != '"') return false;
+    key_.clear();
+    if (!parse_string(top ? &key_ : nullptr)) return false;
+    skip_ws();
+    if (p_ >= end_ || *p_ != ':') return false;
+    ++p_;
+    skip_ws();
+    const int k = top ? match_key(key_) : -1;
+    if (k < 0) return parse_value(depth);
+    Capture& capture = (*captures_)[k];
+    if (p_ < end_ && *p_ == '"') {  // the last occurrence wins, as in a Python dict
+      const size_t start = arena_.size();
+      if (!parse_string(&arena_)) return false;
+      capture = Capture{start, arena_.size() - start, 1};
+      return true;
+    }
+    capture.state = 2;
+    return parse_value(depth);
+  }
+
+  bool parse_object(int depth, bool top) {
     if (depth > kMaxDepth) return false;
     ++p_;
     skip_ws();
@@ -316,23 +311,8 @@ class LineParser {
       ++p_;
       return true;
     }
-    std::string scratch;
     while (true) {
-      if (p_ >= end_ || *p_ != '"') return false;
-      StringSpan key;
-      if (!parse_string(&key)) return false;
-      skip_ws();
-      if (p_ >= end_ || *p_ != ':') return false;
-      ++p_;
-      skip_ws();
-      const int k = captures != nullptr ? match_key(key, *captures->keys, scratch) : -1;
-      if (k >= 0 && p_ < end_ && *p_ == '"') {
-        if (!parse_string(&captures->values[k])) return false;
-        captures->state[k] = 1;
-      } else {
-        if (!parse_value(depth)) return false;
-        if (k >= 0) captures->state[k] = 2;
-      }
+      if (!parse_member(depth, top)) return false;
       skip_ws();
       if (p_ >= end_) return false;
       if (*p_ == '}') {
@@ -347,57 +327,44 @@ class LineParser {
 
   const uint8_t* p_;
   const uint8_t* end_;
-};
-
-// Where a decoded value lives: in the line itself (unescaped) or in the arena.
-struct ValueRef {
-  const char* line_data = nullptr;  // nullptr: arena
-  size_t offset = 0;
-  size_t size = 0;
+  const std::vector<std::string>& keys_;
+  std::string& arena_;
+  std::vector<Capture>* captures_ = nullptr;
+  std::string key_;
 };
 
 py::list decode_jsonl_texts(const py::list& lines, const std::vector<std::string>& keys) {
   const size_t n = lines.size();
   std::vector<const uint8_t*> data(n);
   std::vector<size_t> sizes(n);
+  size_t total = 0;
   for (size_t i = 0; i < n; ++i) {
     PyObject* item = PyList_GET_ITEM(lines.ptr(), i);
     if (!PyBytes_Check(item)) throw py::type_error("decode_jsonl_texts: lines must be bytes");
     data[i] = reinterpret_cast<const uint8_t*>(PyBytes_AS_STRING(item));
     sizes[i] = static_cast<size_t>(PyBytes_GET_SIZE(item));
+    total += sizes[i];
   }
   const size_t nkeys = keys.size();
   std::vector<uint8_t> ok(n, 0);
-  std::vector<ValueRef> values(n * nkeys);
+  std::vector<Capture> values(n * nkeys);
   std::string arena;
-  size_t total = 0;
-  for (size_t size : sizes) total += size;
-  arena.reserve(total);  // decoded strings are never longer than their lines: no reallocation
+  arena.reserve(total);  // decoded values never outgrow their lines: no reallocation
   {
     py::gil_scoped_release release;  // the bytes objects stay alive: `lines` holds them
-    Captures captures;
-    captures.keys = &keys;
+    std::vector<Capture> captures;
     for (size_t i = 0; i < n; ++i) {
-      if (!valid_utf8(data[i], sizes[i])) continue;
-      captures.values.assign(nkeys, StringSpan{});
-      captures.state.assign(nkeys, 0);
-      LineParser parser(data[i], data[i] + sizes[i]);
-      if (!parser.parse_line(captures)) continue;
-      bool all_strings = true;
-      for (size_t k = 0; k < nkeys; ++k) all_strings = all_strings && captures.state[k] == 1;
-      if (!all_strings) continue;
-      ok[i] = 1;
-      for (size_t k = 0; k < nkeys; ++k) {
-        const StringSpan& s = captures.values[k];
-        ValueRef& ref = values[i * nkeys + k];
-        if (!s.escaped) {
-          ref = ValueRef{reinterpret_cast<const char*>(s.data), 0, s.size};
-        } else {
-          const size_t start = arena.size();
-          decode_string(s, arena);
-          ref = ValueRef{nullptr, start, arena.size() - start};
-        }
+      const size_t mark = arena.size();
+      captures.assign(nkeys, Capture{});
+      LineParser parser(data[i], data[i] + sizes[i], keys, arena);
+      bool good = parser.parse_line(captures);
+      for (size_t k = 0; good && k < nkeys; ++k) good = captures[k].state == 1;
+      if (!good) {
+        arena.resize(mark);  // Python decodes this line
+        continue;
       }
+      ok[i] = 1;
+      std::copy(captures.begin(), captures.end(), values.begin() + i * nkeys);
     }
   }
   py::list out(n);
@@ -408,9 +375,8 @@ py::list decode_jsonl_texts(const py::list& lines, const std::vector<std::string
     }
     py::tuple texts(nkeys);
     for (size_t k = 0; k < nkeys; ++k) {
-      const ValueRef& ref = values[i * nkeys + k];
-      const char* begin = ref.line_data != nullptr ? ref.line_data : arena.data() + ref.offset;
-      PyObject* text = PyUnicode_DecodeUTF8(begin, static_cast<Py_ssize_t>(ref.size), "strict");
+      const Capture& c = values[i * nkeys + k];
+      PyObject* text = PyBytes_FromStringAndSize(arena.data() + c.offset, static_cast<Py_ssize_t>(c.size));
       if (text == nullptr) throw py::error_already_set();
       texts[k] = py::reinterpret_steal<py::object>(text);
     }
@@ -419,10 +385,58 @@ py::list decode_jsonl_texts(const py::list& lines, const std::vector<std::string
   return out;
 }
 
+template <typename In, typename Out>
+py::array flatten_typed(const py::array& flat_, const int64_t* lengths, int64_t docs, int64_t eod) {
+  const In* flat = static_cast<const In*>(flat_.data());
+  py::array_t<Out> result(static_cast<py::ssize_t>(flat_.size() + docs));
+  Out* out = result.mutable_data();
+  {
+    py::gil_scoped_release release;
+    int64_t src = 0;
+    for (int64_t d = 0; d < docs; ++d) {
+      for (int64_t k = 0; k < lengths[d]; ++k) *out++ = static_cast<Out>(flat[src++]);
+      *out++ = static_cast<Out>(eod);
+    }
+  }
+  return result;
+}
+
+// `flat` (uint32 or int64 ids of documents back to back, `lengths` each) as uint16 or int32, with
+// `eod` after every document. The caller guarantees every id fits the output type.
+py::array flatten_with_eod(const py::array& flat, const py::array_t<int64_t, py::array::c_style>& lengths,
+                           int64_t eod, const std::string& dtype) {
+  if (flat.ndim() != 1 || !(flat.flags() & py::array::c_style)) {
+    throw std::invalid_argument("flatten_with_eod: flat must be a contiguous 1-D array");
+  }
+  const int64_t docs = lengths.shape(0);
+  int64_t total = 0;
+  for (int64_t d = 0; d < docs; ++d) {
+    if (lengths.data()[d] < 0) throw std::invalid_argument("flatten_with_eod: negative length");
+    total += lengths.data()[d];
+  }
+  if (total != flat.size()) throw std::invalid_argument("flatten_with_eod: lengths do not sum to flat.size");
+  const bool in32 = py::isinstance<py::array_t<uint32_t>>(flat);
+  if (!in32 && !py::isinstance<py::array_t<int64_t>>(flat)) {
+    throw std::invalid_argument("flatten_with_eod: flat must be uint32 or int64");
+  }
+  if (dtype == "uint16") {
+    return in32 ? flatten_typed<uint32_t, uint16_t>(flat, lengths.data(), docs, eod)
+                : flatten_typed<int64_t, uint16_t>(flat, lengths.data(), docs, eod);
+  }
+  if (dtype == "int32") {
+    return in32 ? flatten_typed<uint32_t, int32_t>(flat, lengths.data(), docs, eod)
+                : flatten_typed<int64_t, int32_t>(flat, lengths.data(), docs, eod);
+  }
+  throw std::invalid_argument("flatten_with_eod: dtype must be uint16 or int32");
+}
+
 }  // namespace
 
 PYBIND11_MODULE(_fast, m) {
   m.doc() = "C++ hot loops of the preprocessing pipeline (see csrc/preprocess_fast.cpp)";
   m.def("decode_jsonl_texts", &decode_jsonl_texts, py::arg("lines"), py::arg("keys"),
-        "Per line, the tuple of the requested keys' strings, or None where Python must decode the line.");
+        "Per line, the tuple of the requested keys' strings (UTF-8 bytes), or None where Python must "
+        "decode the line.");
+  m.def("flatten_with_eod", &flatten_with_eod, py::arg("flat"), py::arg("lengths"), py::arg("eod"),
+        py::arg("dtype"), "Documents back to back as `dtype` with `eod` after each (see with_eod).");
 }

@@ -20,6 +20,10 @@ from typing import Any
 
 import yaml
 
+# data.tokenizer_backend choices; the same tuple as megatron_andromeda.data.tokenizer.TOKENIZER_BACKENDS
+# (a test holds them equal), repeated so reading a config never imports the data stack.
+TOKENIZER_BACKEND_CHOICES = ("auto", "gigatoken", "tokenizers", "sentencepiece")
+
 
 class ConfigError(ValueError):
     """A configuration that cannot run; the message names the field and what to do."""
@@ -180,6 +184,9 @@ class TrainConfig:
 @dataclass
 class DataConfig:
     tokenizer: str = ""  # a tokenizer.json (HF tokenizers) or a SentencePiece .model file
+    # Library that encodes text in training and evaluation: auto, gigatoken, tokenizers or
+    # sentencepiece (megatron_andromeda.data.tokenizer.TOKENIZER_BACKENDS; same ids whichever runs).
+    tokenizer_backend: str = "auto"
     # Megatron-style blends: ["prefix"] or ["0.7", "prefixA", "0.3", "prefixB"] (weights then prefixes).
     train: list[str] = field(default_factory=list)
     valid: list[str] = field(default_factory=list)
@@ -195,6 +202,7 @@ class DataConfig:
 
     def validate(self) -> None:
         _check_positive("data.seq_length", self.seq_length)
+        _check_choice("data.tokenizer_backend", self.tokenizer_backend, TOKENIZER_BACKEND_CHOICES)
         if self.recipe and self.train:
             raise ConfigError("set either data.recipe or data.train, not both")
 

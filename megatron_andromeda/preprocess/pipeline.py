@@ -31,7 +31,6 @@ from megatron_andromeda.preprocess.dedup import (
     digests_path,
     write_digests,
 )
-from megatron_andromeda.preprocess.fast_decode import decode_chunk_fast
 from megatron_andromeda.preprocess.processor import (
     ChunkProcessor,
     ChunkResult,
@@ -39,7 +38,13 @@ from megatron_andromeda.preprocess.processor import (
     init_worker,
     process_in_worker,
 )
-from megatron_andromeda.preprocess.readers import InputFile, RawChunk, expand_inputs, read_chunks
+from megatron_andromeda.preprocess.readers import (
+    InputFile,
+    RawChunk,
+    decode_chunk,
+    expand_inputs,
+    read_chunks,
+)
 from megatron_andromeda.preprocess.report import (
     SIDECAR_VERSION,
     DropLog,
@@ -269,7 +274,7 @@ def identity_samples(
         chunks.close()
     if chunk is None:
         return []
-    decoded = decode_chunk_fast(chunk, config.json_keys)
+    decoded = decode_chunk(chunk, config.json_keys, json.loads)
     samples, chars = [], 0
     for texts, line in zip(decoded.texts, decoded.lines):
         for key, text in zip(config.json_keys, texts):

@@ -1,7 +1,7 @@
 """Per-chunk processing: decode, clean, fingerprint and split (`prepare`), then tokenize (`tokenize`).
 
 Everything expensive and independent per document happens here: JSON decoding (in C++ where exact,
-see fast_decode.py), cleaning and quality
+see fast.py), cleaning and quality
 rules, dedup digests and MinHash band keys, the split hash, and tokenization (one batched call per
 chunk and key into the tokenizer's own Rust code). The two halves are separate so the in-process run
 can prepare the next chunk on one thread while the tokenizer, which releases the GIL, encodes this
@@ -21,7 +21,7 @@ import numpy as np
 from megatron_andromeda.data.tokenizer import Tokenizer, load_tokenizer
 from megatron_andromeda.preprocess.cleaning import CleaningConfig, clean_text, quality_reason
 from megatron_andromeda.preprocess.dedup import MinHasher, exact_digest
-from megatron_andromeda.preprocess.fast_decode import decode_chunk_fast
+from megatron_andromeda.preprocess.fast import decode_chunk_utf8, with_eod
 from megatron_andromeda.preprocess.readers import RawChunk
 from megatron_andromeda.preprocess.split import Splitter
 from megatron_andromeda.preprocess.words import Words, split_words
@@ -50,7 +50,7 @@ class PreparedChunk:
     file_index: int
     num_records: int
     dropped: list[tuple[str, int]]  # (reason, line) of malformed or low-quality records
-    texts: list[tuple[str, ...]]  # (K,) one text per key
+    texts: list[tuple[bytes, ...]] | list[tuple[str, ...]]  # (K,) one text per key: UTF-8, or str if cleaned
     lines: np.ndarray  # (K,) line of each candidate
     splits: np.ndarray  # (K,) int8 split index
     digests: list[bytes] | None  # (K,) exact-dedup digests
@@ -76,22 +76,6 @@ class ChunkResult:
         return int(self.lines.size)
 
 
-def with_eod(
-    flat: np.ndarray, lengths: np.ndarray, eod: int | None, dtype: np.dtype
-) -> tuple[np.ndarray, np.ndarray]:
-    """`flat` (documents back to back, `lengths` ids each) as `dtype`, with `eod` after every document."""
-    if eod is None:
-        return flat.astype(dtype, copy=False), lengths
-    sizes = lengths + 1
-    out = np.empty(int(flat.size + lengths.size), dtype=dtype)
-    ends = np.cumsum(sizes) - 1  # (K,) where each document's EOD goes
-    is_text = np.ones(out.size, dtype=bool)
-    is_text[ends] = False
-    out[is_text] = flat
-    out[ends] = eod
-    return out, sizes
-
-
 class ChunkProcessor:
     """Turns `RawChunk`s into `ChunkResult`s; one per worker process (or one in-process)."""
 
@@ -111,26 +95,32 @@ class ChunkProcessor:
         return self.tokenize(self.prepare(chunk))
 
     def prepare(self, chunk: RawChunk) -> PreparedChunk:
-        """Decode, clean, fingerprint and split a chunk (Python work, holds the GIL)."""
+        """Decode, clean, fingerprint and split a chunk (Python work, holds the GIL).
+
+        Texts stay UTF-8 bytes (what gigatoken encodes fastest) unless the cleaning rules need
+        `str`; the digest, split hash and MinHash words are computed from whichever form is at hand,
+        with the same result."""
         s = self.settings
-        decoded = decode_chunk_fast(chunk, s.json_keys)
+        decoded = decode_chunk_utf8(chunk, s.json_keys)
         dropped = list(decoded.malformed)
         texts, lines = decoded.texts, decoded.lines
         words: list[Words | None] = [None] * len(texts)
         if s.cleaning is not None:
-            texts, lines, words = self._clean(texts, lines, dropped)
-        joined = [t[0] if len(t) == 1 else "\n".join(t) for t in texts]  # the record as one text
-        digests = [exact_digest(t) for t in joined] if s.exact_dedup else None
+            as_str = [tuple(t.decode("utf-8") for t in record) for record in texts]
+            texts, lines, words = self._clean(as_str, lines, dropped)
+        joined = [_join(t) for t in texts]  # the record as one text (str or UTF-8 bytes)
+        utf8 = [_utf8(t) for t in joined] if self.splitter is not None or s.minhash is not None else []
+        digests = [exact_digest(_text(t)) for t in joined] if s.exact_dedup else None
         band_keys = None
         if s.minhash is not None:
             band_keys = np.zeros((len(joined), s.minhash.bands[0]), dtype=np.uint64)
-            for i, (text, w) in enumerate(zip(joined, words)):
+            for i, (data, w) in enumerate(zip(utf8, words)):
                 if w is None:
-                    w = split_words(text.encode("utf-8"), text.isascii())
+                    w = split_words(data, data.isascii())
                 band_keys[i] = s.minhash.band_keys(w)
         splits = np.zeros(len(joined), dtype=np.int8)
         if self.splitter is not None:
-            splits[:] = [self.splitter.split_of(t.encode("utf-8")) for t in joined]
+            splits[:] = [self.splitter.split_of(data) for data in utf8]
         return PreparedChunk(
             chunk.file_index, len(chunk), dropped, texts, np.asarray(lines, dtype=np.int64), splits,
             digests, band_keys,
@@ -168,6 +158,21 @@ class ChunkProcessor:
             else:
                 dropped.append((reason, line))
         return kept_texts, kept_lines, kept_words
+
+
+def _join(record: tuple) -> str | bytes:
+    """A record's texts as one text, newline-separated (same bytes whether str or UTF-8)."""
+    if len(record) == 1:
+        return record[0]
+    return b"\n".join(record) if isinstance(record[0], bytes) else "\n".join(record)
+
+
+def _utf8(text: str | bytes) -> bytes:
+    return text if isinstance(text, bytes) else text.encode("utf-8")
+
+
+def _text(text: str | bytes) -> str:
+    return text.decode("utf-8") if isinstance(text, bytes) else text
 
 
 # ------------------------------------------------------------------ multiprocessing worker entry points
