@@ -10,13 +10,18 @@
 // the Python definition; a property test holds them equal.
 //
 // flatten_with_eod: documents' token ids back to back, re-typed, with an end-of-document id after
-// each (processor.with_eod is the NumPy definition).
+// each (fast.with_eod_reference is the NumPy definition).
+//
+// WordHasher: the words of a document and their hashes (words.split_words_reference is the NumPy
+// definition) and the word n-gram quality rules (cleaning.ngram_rules_reference), bit for bit.
 #include <pybind11/numpy.h>
 #include <pybind11/pybind11.h>
 #include <pybind11/stl.h>
 
+#include <algorithm>
 #include <cstdint>
 #include <cstring>
+#include <utility>
 #include <stdexcept>
 #include <string>
 #include <vector>
@@ -430,6 +435,220 @@ py::array flatten_with_eod(const py::array& flat, const py::array_t<int64_t, py:
   throw std::invalid_argument("flatten_with_eod: dtype must be uint16 or int32");
 }
 
+
+inline uint64_t splitmix64(uint64_t x) {
+  uint64_t z = x + 0x9E3779B97F4A7C15ULL;
+  z = (z ^ (z >> 30)) * 0xBF58476D1CE4E5B9ULL;
+  z = (z ^ (z >> 27)) * 0x94D049BB133111EBULL;
+  return z ^ (z >> 31);
+}
+
+// Word hashing and the n-gram rules with the tables of words.py (handed over once, read-only).
+class WordHasher {
+ public:
+  WordHasher(const py::array_t<uint64_t, py::array::c_style>& pair_table,
+             const py::array_t<uint64_t, py::array::c_style>& ngram_mult)
+      : pairs_(pair_table.data(), pair_table.data() + pair_table.size()),
+        mult_(ngram_mult.data(), ngram_mult.data() + ngram_mult.size()) {
+    if (pairs_.size() != (1u << 16) || mult_.empty()) {
+      throw std::invalid_argument("WordHasher: need a 65536-entry pair table and n-gram multipliers");
+    }
+  }
+
+  // (hashes uint64, chars int64, has_alpha bool) of the whitespace-separated words of UTF-8 `data`.
+  py::tuple split(const py::bytes& data, bool ascii_only) const {
+    char* buffer = nullptr;
+    Py_ssize_t size = 0;
+    PyBytes_AsStringAndSize(data.ptr(), &buffer, &size);
+    const uint8_t* s = reinterpret_cast<const uint8_t*>(buffer);
+    std::vector<uint64_t> hashes;
+    std::vector<int64_t> chars;
+    std::vector<uint8_t> alpha;
+    {
+      py::gil_scoped_release release;
+      split_into(s, static_cast<size_t>(size), ascii_only, hashes, chars, alpha);
+    }
+    py::array_t<uint64_t> h(hashes.size());
+    py::array_t<int64_t> c(chars.size());
+    py::array_t<bool> a(alpha.size());
+    std::copy(hashes.begin(), hashes.end(), h.mutable_data());
+    std::copy(chars.begin(), chars.end(), c.mutable_data());
+    std::copy(alpha.begin(), alpha.end(), a.mutable_data());
+    return py::make_tuple(h, c, a);
+  }
+
+  // The first n-gram rule the words break ("top_3gram", "duplicate_5gram", ...) or None; `top` and
+  // `duplicate` are (n, limit) pairs sorted by n, as cleaning.ngram_rules_reference walks them.
+  py::object ngram_reason(const py::array_t<uint64_t, py::array::c_style>& hashes_,
+                          const py::array_t<int64_t, py::array::c_style>& chars_,
+                          const std::vector<std::pair<int64_t, double>>& top,
+                          const std::vector<std::pair<int64_t, double>>& duplicate) const {
+    const int64_t w = hashes_.shape(0);
+    if (chars_.shape(0) != w) throw std::invalid_argument("ngram_reason: hashes and chars differ in length");
+    std::string reason;
+    {
+      py::gil_scoped_release release;
+      reason = ngram_reason_impl(hashes_.data(), chars_.data(), w, top, duplicate);
+    }
+    if (reason.empty()) return py::none();
+    return py::str(reason);
+  }
+
+ private:
+  static uint16_t canon(uint8_t b) {
+    if (b <= 32) return 32;  // whitespace and controls separate words
+    if (b >= 65 && b <= 90) return b | 32;  // ASCII case folding
+    return b;
+  }
+
+  void split_into(const uint8_t* s, size_t n, bool ascii_only, std::vector<uint64_t>& hashes,
+                  std::vector<int64_t>& chars, std::vector<uint8_t>& alpha) const {
+    // Positions are those of the whitespace-framed buffer " " + data + " ": data byte k is at k + 1.
+    size_t k = 0;
+    while (k < n) {
+      if (s[k] <= 32) {
+        ++k;
+        continue;
+      }
+      const size_t start = k;
+      while (k < n && s[k] > 32) ++k;  // the word is s[start, k)
+      // Pairs (previous byte, byte) from (space, first) to (last, space); pair j ends at framed j + 1.
+      uint64_t plain = 0, weighted = 0, offset = 0;
+      uint16_t prev = 32;
+      int64_t continuation = 0;
+      bool has_alpha = false;
+      for (size_t i = start; i <= k; ++i, ++offset) {
+        const uint16_t c = i < k ? canon(s[i]) : 32;
+        const uint64_t v = pairs_[(static_cast<size_t>(prev) << 8) | c];
+        plain += v;
+        weighted += v * offset;
+        if (i < k) {
+          continuation += (s[i] & 0xC0) == 0x80;
+          has_alpha = has_alpha || (c >= 97 && c <= 122) || c >= 128;
+        }
+        prev = c;
+      }
+      hashes.push_back(splitmix64(splitmix64(plain) ^ weighted));
+      chars.push_back(static_cast<int64_t>(k - start) - (ascii_only ? 0 : continuation));
+      alpha.push_back(has_alpha);
+    }
+  }
+
+  // n-gram hashes of words[0..w): g_1 = h M_0, g_k[i] = g_{k-1}[i] + h[i + k - 1] M_{k-1}.
+  void extend_grams(const uint64_t* h, int64_t w, int64_t n, int64_t& have, std::vector<uint64_t>& g) const {
+    if (have == 0) {
+      g.assign(h, h + w);
+      for (auto& x : g) x *= mult_[0];
+      have = 1;
+    }
+    for (; have < n; ++have) {  // g holds g_have; make g_{have+1} (one shorter)
+      const uint64_t m = mult_[have % mult_.size()];
+      const int64_t size = w - have;
+      for (int64_t i = 0; i < size; ++i) g[i] += h[i + have] * m;
+      g.resize(static_cast<size_t>(std::max<int64_t>(size, 0)));
+    }
+  }
+
+  // Occurrences of each value of `grams`, in an open-addressing table (linear probing); `slots`
+  // holds the index of the first occurrence + 1 (0: empty), `counts` the number of occurrences.
+  static void count_values(const std::vector<uint64_t>& grams, std::vector<uint32_t>& slots,
+                           std::vector<uint32_t>& counts, int& shift) {
+    size_t capacity = 16;
+    shift = 60;
+    while (capacity < 2 * grams.size()) capacity <<= 1, --shift;
+    slots.assign(capacity, 0);
+    counts.assign(capacity, 0);
+    for (size_t i = 0; i < grams.size(); ++i) {
+      size_t slot = static_cast<size_t>((grams[i] * 0x9E3779B97F4A7C15ULL) >> shift);
+      while (slots[slot] != 0 && grams[slots[slot] - 1] != grams[i]) slot = (slot + 1) & (capacity - 1);
+      if (slots[slot] == 0) slots[slot] = static_cast<uint32_t>(i + 1);
+      ++counts[slot];
+    }
+  }
+
+  static uint32_t count_of(const std::vector<uint64_t>& grams, const std::vector<uint32_t>& slots,
+                           const std::vector<uint32_t>& counts, int shift, uint64_t value) {
+    const size_t mask = slots.size() - 1;
+    size_t slot = static_cast<size_t>((value * 0x9E3779B97F4A7C15ULL) >> shift);
+    while (grams[slots[slot] - 1] != value) slot = (slot + 1) & mask;  // present by construction
+    return counts[slot];
+  }
+
+  std::string ngram_reason_impl(const uint64_t* h, const int64_t* chars, int64_t w,
+                                const std::vector<std::pair<int64_t, double>>& top,
+                                const std::vector<std::pair<int64_t, double>>& duplicate) const {
+    int64_t total_chars = 0;
+    for (int64_t i = 0; i < w; ++i) total_chars += chars[i];
+    const double total = static_cast<double>(total_chars);
+    if (total == 0) return "";
+    std::vector<uint64_t> grams;
+    std::vector<uint32_t> slots, counts;
+    int shift = 0;
+    int64_t have = 0;
+    for (const auto& [n, limit] : top) {
+      if (w - n + 1 < 2) continue;  // fewer than two n-grams
+      if (n < have) have = 0;       // (n ascending: never happens, but stay exact)
+      extend_grams(h, w, n, have, grams);
+      count_values(grams, slots, counts, shift);
+      // The most frequent value; among equally frequent ones the smallest (NumPy's argmax over the
+      // runs of the sorted values), and its first occurrence.
+      uint32_t best_count = 0;
+      uint64_t best_value = 0;
+      size_t first = 0;
+      for (size_t slot = 0; slot < slots.size(); ++slot) {
+        if (slots[slot] == 0) continue;
+        const uint64_t value = grams[slots[slot] - 1];
+        if (counts[slot] > best_count || (counts[slot] == best_count && value < best_value)) {
+          best_count = counts[slot], best_value = value, first = slots[slot] - 1;
+        }
+      }
+      int64_t span = 0;
+      for (int64_t i = static_cast<int64_t>(first); i < static_cast<int64_t>(first) + n; ++i) span += chars[i];
+      if (best_count > 1 && static_cast<double>(best_count) * static_cast<double>(span) / total > limit) {
+        return "top_" + std::to_string(n) + "gram";
+      }
+    }
+    have = 0;
+    std::vector<int64_t> delta;
+    for (size_t item = 0; item < duplicate.size(); ++item) {
+      const auto& [n, limit] = duplicate[item];
+      double fraction = 0.0;
+      if (w >= n) {
+        if (n < have) have = 0;
+        extend_grams(h, w, n, have, grams);
+        count_values(grams, slots, counts, shift);
+        // Words inside an n-gram that occurs more than once: +1 where one starts, -1 past its end.
+        delta.assign(static_cast<size_t>(w) + 1, 0);
+        bool any = false;
+        for (size_t i = 0; i < grams.size(); ++i) {
+          if (count_of(grams, slots, counts, shift, grams[i]) > 1) {
+            any = true;
+            ++delta[i];
+            --delta[i + n];
+          }
+        }
+        if (any) {
+          int64_t depth = 0, dup_chars = 0;
+          for (int64_t i = 0; i < w; ++i) {
+            depth += delta[i];
+            if (depth > 0) dup_chars += chars[i];
+          }
+          fraction = static_cast<double>(dup_chars) / total;
+        }
+      }
+      if (fraction > limit) return "duplicate_" + std::to_string(n) + "gram";
+      bool rest_pass = true;  // larger n cover no more characters: stop once every later limit holds
+      for (size_t later = item + 1; later < duplicate.size(); ++later) {
+        rest_pass = rest_pass && fraction <= duplicate[later].second;
+      }
+      if (rest_pass) break;
+    }
+    return "";
+  }
+
+  std::vector<uint64_t> pairs_;
+  std::vector<uint64_t> mult_;
+};
 }  // namespace
 
 PYBIND11_MODULE(_fast, m) {
@@ -439,4 +658,12 @@ PYBIND11_MODULE(_fast, m) {
         "decode the line.");
   m.def("flatten_with_eod", &flatten_with_eod, py::arg("flat"), py::arg("lengths"), py::arg("eod"),
         py::arg("dtype"), "Documents back to back as `dtype` with `eod` after each (see with_eod).");
+  py::class_<WordHasher>(m, "WordHasher")
+      .def(py::init<const py::array_t<uint64_t, py::array::c_style>&,
+                    const py::array_t<uint64_t, py::array::c_style>&>(),
+           py::arg("pair_table"), py::arg("ngram_mult"))
+      .def("split", &WordHasher::split, py::arg("data"), py::arg("ascii_only"),
+           "(hashes, chars, has_alpha) of the words of UTF-8 data (see words.split_words_reference).")
+      .def("ngram_reason", &WordHasher::ngram_reason, py::arg("hashes"), py::arg("chars"), py::arg("top"),
+           py::arg("duplicate"), "The first n-gram rule broken, or None (see cleaning.ngram_rules_reference).");
 }

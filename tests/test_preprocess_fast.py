@@ -7,8 +7,10 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from megatron_andromeda.preprocess.cleaning import CleaningConfig, _ngram_rules, ngram_rules_reference
 from megatron_andromeda.preprocess.fast import decode_chunk_utf8, with_eod, with_eod_reference
 from megatron_andromeda.preprocess.readers import RawChunk, decode_chunk
+from megatron_andromeda.preprocess.words import split_words, split_words_reference
 
 KEYS = [("text",), ("text", "meta")]
 
@@ -142,3 +144,55 @@ def test_eod_insertion_matches_numpy(lengths, source, target):
     assert np.array_equal(got, want) and np.array_equal(sizes, want_sizes)
     plain, same = with_eod(flat, lengths, None, np.dtype(target))
     assert plain.dtype == np.dtype(target) and np.array_equal(plain, flat) and same is lengths
+
+
+words_text = st.text(alphabet=st.sampled_from(list("ab AB\t\n\r\x00\x1f.#é日🎉\u00a0")), max_size=200)
+
+
+@settings(max_examples=200, deadline=None)
+@given(words_text, st.booleans())
+def test_split_words_matches_numpy(text, claim_ascii):
+    data = text.encode("utf-8")
+    ascii_only = claim_ascii and data.isascii()  # the flag is a promise: only made when true
+    got, want = split_words(data, ascii_only), split_words_reference(data, ascii_only)
+    assert np.array_equal(got.hashes, want.hashes) and got.hashes.dtype == np.uint64
+    assert np.array_equal(got.chars, want.chars) and got.chars.dtype == np.int64
+    assert np.array_equal(got.has_alpha, want.has_alpha) and got.has_alpha.dtype == np.bool_
+
+
+# Few distinct words so n-grams repeat and every rule gets exercised.
+repetitive = st.lists(
+    st.sampled_from(["the", "cat", "sat", "on", "a", "mat", "x", "longerword"]), max_size=120
+)
+limits = st.dictionaries(st.integers(1, 12), st.floats(0.0, 1.0), max_size=6)
+
+
+@settings(max_examples=300, deadline=None)
+@given(repetitive, limits, limits)
+def test_ngram_rules_match_numpy(words, top, duplicate):
+    config = CleaningConfig(max_top_ngram_chars_ratio=top, max_duplicate_ngram_chars_ratio=duplicate)
+    split = split_words(" ".join(words).encode())
+    assert _ngram_rules(split, config) == ngram_rules_reference(split, config)
+
+
+def test_ngram_rules_match_numpy_on_default_limits():
+    config = CleaningConfig()
+    rng = np.random.default_rng(0)
+    unique = [f"w{i}x" for i in range(2000)]
+    phrase = unique[1500:1510]
+    texts = {
+        "no words": [],
+        "unique words": unique[:300],
+        "a repeated phrase": unique[:40] + phrase + unique[40:80] + phrase,
+        "a phrase repeated often": (unique[:5] * 12) + unique[100:120],
+        "random words of four": list(rng.choice(unique[:4], size=200)),
+        "one pair of words throughout": unique[:2] * 60 + unique[200:260],
+    }
+    reasons = {}
+    for name, words in texts.items():
+        split = split_words(" ".join(words).encode())
+        reasons[name] = _ngram_rules(split, config)
+        assert reasons[name] == ngram_rules_reference(split, config), name
+    assert reasons["unique words"] is None and reasons["no words"] is None
+    assert reasons["a repeated phrase"].startswith("duplicate_")
+    assert reasons["one pair of words throughout"] == "top_2gram"
