@@ -1,13 +1,14 @@
 // Hot loops of the preprocessing pipeline, exposed to Python via pybind11 as
 // megatron_andromeda.preprocess._fast.
 //
-// decode_jsonl_texts: the text fields of JSONL lines as UTF-8 bytes, parsed with the GIL released.
-// It is exact by construction rather than by imitation: a line gets a result only when it is
-// well-formed UTF-8 and strict RFC 8259 JSON that Python's json.loads would turn into a dict whose
-// requested keys all hold strings without lone surrogates; every other line comes back as None and
-// Python decodes it (and reports why it is malformed). For the lines it does take, the bytes are the
-// UTF-8 encoding of the strings json.loads gives. megatron_andromeda/preprocess/fast_decode.py holds
-// the Python definition; a property test holds them equal.
+// decode_jsonl_columns: the text fields of JSONL lines as UTF-8, parsed with the GIL released, one
+// buffer per key with the documents back to back and 0xFF (a byte UTF-8 never holds) after each,
+// the layout gigatoken's BytesSource splits in parallel. It is exact by construction rather than by
+// imitation: a line is taken only when it is well-formed UTF-8 and strict RFC 8259 JSON that Python's
+// json.loads would turn into a dict whose requested keys all hold strings without lone surrogates;
+// every other line is flagged and Python decodes it (and reports why it is malformed). For the lines
+// it takes, the bytes are the UTF-8 encoding of the strings json.loads gives.
+// megatron_andromeda/preprocess/fast.py wraps it; a property test holds it equal to readers.py.
 //
 // flatten_with_eod: documents' token ids back to back, re-typed, with an end-of-document id after
 // each (fast.with_eod_reference is the NumPy definition).
@@ -107,21 +108,21 @@ void append_utf8(std::string& out, uint32_t cp) {
   }
 }
 
-// Where a requested key's decoded value lives in the arena; `state` 0 absent, 1 string, 2 other.
+// What a line's requested key holds: 0 absent, 1 a string (its length in bytes), 2 something else.
 struct Capture {
-  size_t offset = 0;
   size_t size = 0;
   uint8_t state = 0;
 };
 
 class LineParser {
  public:
+  // Key k's decoded string goes at the end of outputs[k], which held marks[k] bytes before the line.
   LineParser(const uint8_t* begin, const uint8_t* end, const std::vector<std::string>& keys,
-             std::string& arena)
-      : p_(begin), end_(end), keys_(keys), arena_(arena) {}
+             std::vector<std::string>& outputs, const std::vector<size_t>& marks)
+      : p_(begin), end_(end), keys_(keys), outputs_(outputs), marks_(marks) {}
 
   // True when the line is one object (with JSON whitespace around it only); the requested keys'
-  // last values are then in `captures` (decoded into the arena).
+  // last values are then at the end of their outputs, described by `captures`.
   bool parse_line(std::vector<Capture>& captures) {
     captures_ = &captures;
     skip_ws();
@@ -299,9 +300,10 @@ class LineParser {
     if (k < 0) return parse_value(depth);
     Capture& capture = (*captures_)[k];
     if (p_ < end_ && *p_ == '"') {  // the last occurrence wins, as in a Python dict
-      const size_t start = arena_.size();
-      if (!parse_string(&arena_)) return false;
-      capture = Capture{start, arena_.size() - start, 1};
+      std::string& out = outputs_[k];
+      out.resize(marks_[k]);  // drop an earlier occurrence of the key
+      if (!parse_string(&out)) return false;
+      capture = Capture{out.size() - marks_[k], 1};
       return true;
     }
     capture.state = 2;
@@ -333,61 +335,63 @@ class LineParser {
   const uint8_t* p_;
   const uint8_t* end_;
   const std::vector<std::string>& keys_;
-  std::string& arena_;
+  std::vector<std::string>& outputs_;
+  const std::vector<size_t>& marks_;
   std::vector<Capture>* captures_ = nullptr;
   std::string key_;
 };
 
-py::list decode_jsonl_texts(const py::list& lines, const std::vector<std::string>& keys) {
+// (taken uint8 (lines,), buffers: one bytes per key, lengths int64 (taken lines, keys)).
+py::tuple decode_jsonl_columns(const py::list& lines, const std::vector<std::string>& keys) {
   const size_t n = lines.size();
   std::vector<const uint8_t*> data(n);
   std::vector<size_t> sizes(n);
   size_t total = 0;
   for (size_t i = 0; i < n; ++i) {
     PyObject* item = PyList_GET_ITEM(lines.ptr(), i);
-    if (!PyBytes_Check(item)) throw py::type_error("decode_jsonl_texts: lines must be bytes");
+    if (!PyBytes_Check(item)) throw py::type_error("decode_jsonl_columns: lines must be bytes");
     data[i] = reinterpret_cast<const uint8_t*>(PyBytes_AS_STRING(item));
     sizes[i] = static_cast<size_t>(PyBytes_GET_SIZE(item));
     total += sizes[i];
   }
   const size_t nkeys = keys.size();
-  std::vector<uint8_t> ok(n, 0);
-  std::vector<Capture> values(n * nkeys);
-  std::string arena;
-  arena.reserve(total);  // decoded values never outgrow their lines: no reallocation
+  py::array_t<uint8_t> taken(static_cast<py::ssize_t>(n));
+  uint8_t* ok = taken.mutable_data();
+  std::vector<int64_t> lengths;
+  // Reused across calls (per thread): no fresh pages to fault in for every chunk.
+  static thread_local std::vector<std::string> outputs;
+  outputs.resize(nkeys);
   {
     py::gil_scoped_release release;  // the bytes objects stay alive: `lines` holds them
+    for (auto& out : outputs) {
+      out.clear();
+      out.reserve(total + n);  // a decoded value never outgrows its line (+1 for the separator)
+    }
+    std::vector<size_t> marks(nkeys);
     std::vector<Capture> captures;
     for (size_t i = 0; i < n; ++i) {
-      const size_t mark = arena.size();
+      for (size_t k = 0; k < nkeys; ++k) marks[k] = outputs[k].size();
       captures.assign(nkeys, Capture{});
-      LineParser parser(data[i], data[i] + sizes[i], keys, arena);
+      LineParser parser(data[i], data[i] + sizes[i], keys, outputs, marks);
       bool good = parser.parse_line(captures);
       for (size_t k = 0; good && k < nkeys; ++k) good = captures[k].state == 1;
-      if (!good) {
-        arena.resize(mark);  // Python decodes this line
-        continue;
+      ok[i] = good;
+      for (size_t k = 0; k < nkeys; ++k) {
+        if (!good) {
+          outputs[k].resize(marks[k]);  // Python decodes this line
+          continue;
+        }
+        outputs[k].push_back(static_cast<char>(0xFF));
+        lengths.push_back(static_cast<int64_t>(captures[k].size));
       }
-      ok[i] = 1;
-      std::copy(captures.begin(), captures.end(), values.begin() + i * nkeys);
     }
   }
-  py::list out(n);
-  for (size_t i = 0; i < n; ++i) {
-    if (!ok[i]) {
-      out[i] = py::none();
-      continue;
-    }
-    py::tuple texts(nkeys);
-    for (size_t k = 0; k < nkeys; ++k) {
-      const Capture& c = values[i * nkeys + k];
-      PyObject* text = PyBytes_FromStringAndSize(arena.data() + c.offset, static_cast<Py_ssize_t>(c.size));
-      if (text == nullptr) throw py::error_already_set();
-      texts[k] = py::reinterpret_steal<py::object>(text);
-    }
-    out[i] = std::move(texts);
-  }
-  return out;
+  py::list buffers(nkeys);
+  for (size_t k = 0; k < nkeys; ++k) buffers[k] = py::bytes(outputs[k].data(), outputs[k].size());
+  py::array_t<int64_t> sizes_out({static_cast<py::ssize_t>(lengths.size() / std::max<size_t>(nkeys, 1)),
+                                  static_cast<py::ssize_t>(nkeys)});
+  std::copy(lengths.begin(), lengths.end(), sizes_out.mutable_data());
+  return py::make_tuple(taken, buffers, sizes_out);
 }
 
 template <typename In, typename Out>
@@ -653,9 +657,9 @@ class WordHasher {
 
 PYBIND11_MODULE(_fast, m) {
   m.doc() = "C++ hot loops of the preprocessing pipeline (see csrc/preprocess_fast.cpp)";
-  m.def("decode_jsonl_texts", &decode_jsonl_texts, py::arg("lines"), py::arg("keys"),
-        "Per line, the tuple of the requested keys' strings (UTF-8 bytes), or None where Python must "
-        "decode the line.");
+  m.def("decode_jsonl_columns", &decode_jsonl_columns, py::arg("lines"), py::arg("keys"),
+        "(taken per line, one 0xFF-separated UTF-8 buffer per key, byte lengths (taken lines, keys)); "
+        "lines not taken are Python's to decode.");
   m.def("flatten_with_eod", &flatten_with_eod, py::arg("flat"), py::arg("lengths"), py::arg("eod"),
         py::arg("dtype"), "Documents back to back as `dtype` with `eod` after each (see with_eod).");
   py::class_<WordHasher>(m, "WordHasher")

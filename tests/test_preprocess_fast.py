@@ -8,7 +8,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from megatron_andromeda.preprocess.cleaning import CleaningConfig, _ngram_rules, ngram_rules_reference
-from megatron_andromeda.preprocess.fast import decode_chunk_utf8, with_eod, with_eod_reference
+from megatron_andromeda.preprocess.fast import decode_columns_utf8, with_eod, with_eod_reference
 from megatron_andromeda.preprocess.readers import RawChunk, decode_chunk
 from megatron_andromeda.preprocess.words import split_words, split_words_reference
 
@@ -22,8 +22,8 @@ def reference(lines, keys):
 
 
 def fast(lines, keys):
-    out = decode_chunk_utf8(RawChunk(3, 7, lines=list(lines)), keys)
-    return out.texts, out.lines, out.malformed
+    out = decode_columns_utf8(RawChunk(3, 7, lines=list(lines)), keys)
+    return list(zip(*(column.to_list() for column in out.columns))), out.lines, out.malformed
 
 
 EDGE_LINES = [
@@ -123,8 +123,9 @@ def test_random_and_mutated_lines_decode_as_json_loads_does(lines, keys):
 
 def test_columnar_chunks_come_back_as_utf8():
     chunk = RawChunk(0, 1, columns={"text": ["é", b"raw", 5]}, num_rows=3)
-    out = decode_chunk_utf8(chunk, ("text",))
-    assert out.texts == [("é".encode(),), (b"raw",)] and out.malformed == [("non_string", 3)]
+    out = decode_columns_utf8(chunk, ("text",))
+    assert out.columns[0].to_list() == ["é".encode(), b"raw"] and out.malformed == [("non_string", 3)]
+    assert out.records() == [("é",), ("raw",)]
 
 
 @settings(max_examples=200, deadline=None)

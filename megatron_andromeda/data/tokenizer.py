@@ -49,6 +49,39 @@ TOKENIZER_BACKENDS = ("auto", "gigatoken", "tokenizers", "sentencepiece")
 INSTALL_FAST = "pip install 'megatron_andromeda[fast]' (or pip install gigatoken)"
 
 
+SEPARATOR = b"\xff"  # never inside UTF-8 text
+
+
+class Utf8Batch:
+    """Texts as UTF-8, back to back in one buffer with 0xFF (a byte UTF-8 never holds) after each:
+    the layout gigatoken splits in parallel without a Python object per text."""
+
+    def __init__(self, buffer: bytes, lengths: np.ndarray) -> None:
+        self.buffer = buffer
+        self.lengths = np.asarray(lengths, dtype=np.int64)  # (K,) bytes per text
+        self.starts = np.cumsum(self.lengths + 1) - self.lengths - 1  # (K,)
+        if len(buffer) != int(self.lengths.sum()) + self.lengths.size:
+            raise ValueError("Utf8Batch: the buffer does not match the lengths")
+
+    @classmethod
+    def from_texts(cls, texts: Sequence[bytes]) -> Utf8Batch:
+        lengths = np.fromiter(map(len, texts), dtype=np.int64, count=len(texts))
+        return cls(SEPARATOR.join([*texts, b""]) if len(texts) else b"", lengths)
+
+    def __len__(self) -> int:
+        return int(self.lengths.size)
+
+    def __getitem__(self, i: int) -> bytes:
+        start = int(self.starts[i])
+        return self.buffer[start : start + int(self.lengths[i])]
+
+    def to_list(self) -> list[bytes]:
+        return [self.buffer[s : s + n] for s, n in zip(self.starts.tolist(), self.lengths.tolist())]
+
+
+Texts = Sequence[str] | Sequence[bytes] | Utf8Batch
+
+
 class TokenizerBackendError(ValueError):
     """A backend that cannot serve this tokenizer; the message names the file or package and what to do."""
 
@@ -75,10 +108,12 @@ class Tokenizer(ABC):
     def encode_batch(self, texts: Sequence[str]) -> list[list[int]]:
         return [self.encode(t) for t in texts]
 
-    def encode_flat(self, texts: Sequence[str] | Sequence[bytes]) -> tuple[np.ndarray, np.ndarray]:
+    def encode_flat(self, texts: Texts) -> tuple[np.ndarray, np.ndarray]:
         """All texts' ids back to back (integer array) and the number of ids of each text (int64):
         the shape the data pipeline writes, without a Python list per document where avoidable.
-        Texts may be `str` or UTF-8 `bytes` (the same ids either way)."""
+        Texts may be `str`, UTF-8 `bytes` or a `Utf8Batch` (the same ids either way)."""
+        if isinstance(texts, Utf8Batch):
+            texts = texts.to_list()
         texts = [t.decode("utf-8") if isinstance(t, bytes) else t for t in texts]
         ids = self.encode_batch(texts) if texts else []
         lengths = np.fromiter(map(len, ids), dtype=np.int64, count=len(ids))
@@ -304,12 +339,33 @@ class GigatokenTokenizer(Tokenizer):
     def encode_batch(self, texts: Sequence[str]) -> list[list[int]]:
         return self._gt.encode_batch_list(list(texts), parallel=self.parallel)
 
-    def encode_flat(self, texts: Sequence[str] | Sequence[bytes]) -> tuple[np.ndarray, np.ndarray]:
+    def encode_flat(self, texts: Texts) -> tuple[np.ndarray, np.ndarray]:
         """(uint32 ids, int64 lengths) straight from gigatoken's ragged array, no per-document objects.
-        UTF-8 `bytes` encode faster than `str` (no conversion back to UTF-8)."""
-        if not len(texts):
-            return np.zeros(0, np.uint32), np.zeros(0, np.int64)
-        layout = self._gt.encode_batch(list(texts), parallel=self.parallel).layout  # ListOffsetArray
+
+        UTF-8 goes in as one buffer with 0xFF after each document (`Utf8Batch`), which gigatoken
+        splits inside its parallel encode: faster than a list, and far faster than `str` (no
+        conversion back to UTF-8). Empty documents, which gigatoken skips in a buffer, get zero ids
+        (as every tokenizer gives them)."""
+        if len(texts) and not isinstance(texts, Utf8Batch) and isinstance(texts[0], bytes):
+            texts = Utf8Batch.from_texts(texts)
+        if not isinstance(texts, Utf8Batch):
+            return (
+                self._ragged(list(texts)) if len(texts) else (np.zeros(0, np.uint32), np.zeros(0, np.int64))
+            )
+        lengths = np.zeros(len(texts), dtype=np.int64)
+        nonempty = texts.lengths > 0
+        if texts.buffer.count(SEPARATOR) != len(texts):  # a text that is not UTF-8: no buffer then
+            flat, lengths = self._ragged(texts.to_list())
+        elif nonempty.any():
+            from gigatoken import BytesSource
+
+            flat, lengths[nonempty] = self._ragged(BytesSource(texts.buffer, separator=SEPARATOR))
+        else:
+            flat = np.zeros(0, np.uint32)
+        return flat, lengths
+
+    def _ragged(self, inputs: object) -> tuple[np.ndarray, np.ndarray]:
+        layout = self._gt.encode_batch(inputs, parallel=self.parallel).layout  # ListOffsetArray
         offsets = np.asarray(layout.offsets.data)
         flat = np.asarray(layout.content.data)[offsets[0] : offsets[-1]]
         return flat, np.diff(offsets).astype(np.int64, copy=False)

@@ -67,7 +67,12 @@ def build_parser() -> argparse.ArgumentParser:
         default=None,
         help="tokenizer threads per process (default: 1 in worker processes, all cores in the main process)",
     )
-    run_group.add_argument("--chunk-mb", type=float, default=1.0, help="JSONL chunk size sent to a worker")
+    run_group.add_argument(
+        "--chunk-mb",
+        type=float,
+        default=None,
+        help="JSONL chunk size handed to a worker (default 1; 4 when gigatoken encodes in the main process)",
+    )
     split = p.add_argument_group("split")
     split.add_argument("--split", default="98,1,1", help="train,valid,test weights (default 98,1,1)")
     split.add_argument("--no-split", action="store_true", help="one dataset, Megatron naming")
@@ -117,7 +122,7 @@ def config_from_args(args: argparse.Namespace) -> PreprocessConfig:
         minhash = MinHasher(
             num_perm=args.minhash_perm, ngram=args.minhash_ngram, threshold=args.minhash_threshold
         )
-    if args.chunk_mb <= 0:
+    if args.chunk_mb is not None and args.chunk_mb <= 0:
         raise ValueError(f"--chunk-mb {args.chunk_mb}: must be positive")
     return PreprocessConfig(
         inputs=tuple(args.input),
@@ -132,7 +137,7 @@ def config_from_args(args: argparse.Namespace) -> PreprocessConfig:
         cleaning=_cleaning(args),
         exact_dedup=not (args.no_dedup or args.no_exact_dedup),
         minhash=minhash,
-        chunk_bytes=int(args.chunk_mb * (1 << 20)),
+        chunk_bytes=int(args.chunk_mb * (1 << 20)) if args.chunk_mb is not None else None,
         max_samples=args.max_samples,
     )
 

@@ -1,12 +1,13 @@
 """Typed wrappers of the C++ hot loops in csrc/preprocess_fast.cpp (`_fast`, built at install time).
 
-`decode_chunk_utf8`: JSONL chunks decoded in C++ (GIL released) into UTF-8 bytes, exactly as
-`readers.decode_chunk` with `json.loads` decodes them (then encoded to UTF-8). Decoding JSON in
+`decode_columns_utf8`: JSONL chunks decoded in C++ (GIL released) into one UTF-8 buffer per key
+(`Utf8Batch`), exactly as `readers.decode_chunk` with `json.loads` decodes them. Decoding JSON in
 Python costs about half as much CPU as gigatoken's encoding of the same text, so it would dominate
 the fast path; and gigatoken encodes UTF-8 bytes faster than `str` (no conversion back to UTF-8),
-so texts stay bytes until a rule needs `str`. The C++ scanner takes only the lines it can decode
+so texts stay UTF-8 until a rule needs `str`, in the buffer layout gigatoken splits itself (no
+Python object per document on the fast path). The C++ scanner takes only the lines it can decode
 exactly: valid UTF-8, strict JSON, one object whose requested keys all hold strings without lone
-surrogates. It hands back None for any other line (malformed, unusual or just outside its strict
+surrogates. It flags any other line (malformed, unusual or just outside its strict
 subset: NaN, huge integers, deep nesting), and those go through `readers.decode_chunk` one by one,
 which counts and names whatever is wrong with them. Same texts, same lines, same malformed reasons,
 in the same order.
@@ -21,9 +22,11 @@ from __future__ import annotations
 
 import json
 from collections.abc import Sequence
+from dataclasses import dataclass
 
 import numpy as np
 
+from megatron_andromeda.data.tokenizer import Utf8Batch
 from megatron_andromeda.preprocess.readers import DecodedChunk, RawChunk, decode_chunk
 
 try:
@@ -35,6 +38,21 @@ except ImportError as e:  # pragma: no cover - exercised only on a broken instal
     ) from e
 
 
+@dataclass
+class DecodedColumns:
+    """The well-formed records of a chunk as one `Utf8Batch` per key, and what was wrong with the
+    others: `readers.DecodedChunk` turned into columns of UTF-8."""
+
+    columns: list[Utf8Batch]  # per key: the text of each well-formed record
+    lines: list[int]  # 1-based line/row of each record in its file
+    malformed: list[tuple[str, int]]  # (reason, line)
+
+    def records(self) -> list[tuple[str, ...]]:
+        """Each record's texts as `str` (for the rules that need them)."""
+        columns = [[t.decode("utf-8") for t in column.to_list()] for column in self.columns]
+        return list(zip(*columns)) if columns else []
+
+
 def _encodable(keys: Sequence[str]) -> bool:
     try:
         for key in keys:
@@ -44,27 +62,42 @@ def _encodable(keys: Sequence[str]) -> bool:
     return True
 
 
-def _as_utf8(decoded: DecodedChunk) -> DecodedChunk:
-    decoded.texts = [tuple(t.encode("utf-8") for t in texts) for texts in decoded.texts]
-    return decoded
+def _from_python(decoded: DecodedChunk, nkeys: int) -> DecodedColumns:
+    columns = [[t.encode("utf-8") for t in column] for column in zip(*decoded.texts)] or [[]] * nkeys
+    return DecodedColumns([Utf8Batch.from_texts(c) for c in columns], decoded.lines, decoded.malformed)
 
 
-def decode_chunk_utf8(chunk: RawChunk, keys: Sequence[str]) -> DecodedChunk:
-    """`decode_chunk(chunk, keys, json.loads)` with every text as UTF-8 bytes; JSONL lines are
-    scanned in C++ where that is exact, the rest (and columnar chunks) decoded in Python."""
+def decode_columns_utf8(chunk: RawChunk, keys: Sequence[str]) -> DecodedColumns:
+    """`decode_chunk(chunk, keys, json.loads)` as UTF-8 columns; JSONL lines are scanned in C++
+    where that is exact, the rest (and columnar chunks) decoded in Python."""
     if chunk.lines is None or not _encodable(keys):
-        return _as_utf8(decode_chunk(chunk, keys, json.loads))
-    out = DecodedChunk([], [], [])
-    for i, texts in enumerate(_fast.decode_jsonl_texts(chunk.lines, list(keys))):
-        line = chunk.first_line + i
-        if texts is not None:
-            out.texts.append(texts)
-            out.lines.append(line)
+        return _from_python(decode_chunk(chunk, keys, json.loads), len(keys))
+    taken, buffers, lengths = _fast.decode_jsonl_columns(chunk.lines, list(keys))
+    lines = np.arange(chunk.first_line, chunk.first_line + len(chunk.lines))
+    if taken.all():
+        columns = [Utf8Batch(buffer, lengths[:, k]) for k, buffer in enumerate(buffers)]
+        return DecodedColumns(columns, lines.tolist(), [])
+    # Python decodes the rest; a well-formed record among them is spliced into the columns.
+    out = DecodedColumns([], [], [])
+    fast_columns = [Utf8Batch(buffer, lengths[:, k]).to_list() for k, buffer in enumerate(buffers)]
+    columns: list[list[bytes]] = [[] for _ in keys]
+    next_fast = 0
+    for i in range(len(chunk.lines)):
+        if taken[i]:
+            for k, column in enumerate(columns):
+                column.append(fast_columns[k][next_fast])
+            next_fast += 1
+            out.lines.append(int(lines[i]))
             continue
-        one = decode_chunk(RawChunk(chunk.file_index, line, lines=[chunk.lines[i]]), keys, json.loads)
-        out.texts += _as_utf8(one).texts
+        one = decode_chunk(
+            RawChunk(chunk.file_index, int(lines[i]), lines=[chunk.lines[i]]), keys, json.loads
+        )
+        for texts in one.texts:
+            for column, text in zip(columns, texts):
+                column.append(text.encode("utf-8"))
         out.lines += one.lines
         out.malformed += one.malformed
+    out.columns = [Utf8Batch.from_texts(column) for column in columns]
     return out
 
 

@@ -71,7 +71,7 @@ class PreprocessConfig:
     cleaning: CleaningConfig | None = field(default_factory=CleaningConfig)
     exact_dedup: bool = True
     minhash: MinHasher | None = field(default_factory=MinHasher)
-    chunk_bytes: int = 1 << 20
+    chunk_bytes: int | None = None  # JSONL bytes per chunk; None: see plan_execution
     chunk_rows: int = 256
     max_samples: int = 10
     log_every_s: float = 30.0
@@ -88,7 +88,7 @@ class PreprocessConfig:
             raise ValueError(f"--tokenizer-backend {self.tokenizer_backend!r}: choose one of {choices}")
         if self.threads_per_worker is not None and self.threads_per_worker < 1:
             raise ValueError(f"--threads-per-worker {self.threads_per_worker}: must be >= 1")
-        if self.chunk_bytes < 1 or self.chunk_rows < 1:
+        if (self.chunk_bytes is not None and self.chunk_bytes < 1) or self.chunk_rows < 1:
             raise ValueError("chunk_bytes and chunk_rows must be positive")
         if self.split is not None and (len(self.split) != 3 or abs(sum(self.split) - 1.0) > 1e-6):
             raise ValueError(
@@ -195,10 +195,12 @@ class ExecutionPlan:
     processes: int  # 0: the main process, preparing chunks on one thread while the tokenizer encodes
     threads: int  # tokenizer threads per process (1: encode on the calling thread)
     reason: str
+    chunk_bytes: int = 1 << 20  # JSONL bytes per chunk
 
     def describe(self) -> str:
         where = f"{self.processes} worker processes" if self.processes else "the main process"
-        return f"{where}, {self.threads} tokenizer thread{'s' * (self.threads > 1)} each ({self.reason})"
+        threads = f"{self.threads} tokenizer thread{'s' * (self.threads > 1)} each"
+        return f"{where}, {threads}, {self.chunk_bytes / 2**20:g} MB chunks ({self.reason})"
 
 
 def plan_execution(config: PreprocessConfig, backend: str, cores: int) -> ExecutionPlan:
@@ -214,21 +216,26 @@ def plan_execution(config: PreprocessConfig, backend: str, cores: int) -> Execut
     """
     per_document_python = config.cleaning is not None or config.exact_dedup or config.minhash is not None
     if config.workers is not None:
-        processes = config.workers
+        processes, why = config.workers, "--workers"
         threads = config.threads_per_worker or max(1, cores // max(1, processes))
-        return ExecutionPlan(processes, threads, "--workers")
-    if backend == "gigatoken" and not per_document_python:
-        return ExecutionPlan(0, config.threads_per_worker or cores, "gigatoken, no cleaning or dedup")
-    processes = cores if cores > 1 else 0
-    why = "cleaning or dedup" if per_document_python else f"{backend} returns Python lists"
-    return ExecutionPlan(processes, config.threads_per_worker or max(1, cores // max(1, processes)), why)
+    elif backend == "gigatoken" and not per_document_python:
+        processes, threads, why = 0, config.threads_per_worker or cores, "gigatoken, no cleaning or dedup"
+    else:
+        processes = cores if cores > 1 else 0
+        threads = config.threads_per_worker or max(1, cores // max(1, processes))
+        why = "cleaning or dedup" if per_document_python else f"{backend} returns Python lists"
+    # One pool call per chunk: the in-process gigatoken path wants few, large calls (each ends in a
+    # wait for the slowest thread); worker processes want chunks small enough to share out evenly.
+    big = processes == 0 and backend == "gigatoken" and threads > 1
+    chunk_bytes = config.chunk_bytes or (4 << 20 if big else 1 << 20)
+    return ExecutionPlan(processes, threads, why, chunk_bytes)
 
 
 def _results(
     config: PreprocessConfig, plan: ExecutionPlan, processor: ChunkProcessor, files: list[InputFile]
 ) -> Iterator[ChunkResult]:
     """Processed chunks in input order, from a bounded window of in-flight work."""
-    chunks = read_chunks(files, config.json_keys, config.chunk_bytes, config.chunk_rows)
+    chunks = read_chunks(files, config.json_keys, plan.chunk_bytes, config.chunk_rows)
     if plan.processes == 0:
         yield from _in_process_results(processor, chunks, window=4)
         return
@@ -264,10 +271,10 @@ def _in_process_results(
 
 
 def identity_samples(
-    files: list[InputFile], config: PreprocessConfig, limit: int = 256, max_chars: int = 1 << 19
+    files: list[InputFile], config: PreprocessConfig, limit: int = 256, max_chars: int = 1 << 18
 ) -> list[tuple[str, str]]:
     """(label, text) of the first records of the first input, for the tokenizer identity check."""
-    chunks = read_chunks(files[:1], config.json_keys, config.chunk_bytes, config.chunk_rows)
+    chunks = read_chunks(files[:1], config.json_keys, config.chunk_bytes or 1 << 20, config.chunk_rows)
     try:
         chunk = next(chunks, None)
     finally:

@@ -18,10 +18,10 @@ from itertools import repeat
 
 import numpy as np
 
-from megatron_andromeda.data.tokenizer import Tokenizer, load_tokenizer
+from megatron_andromeda.data.tokenizer import Tokenizer, Utf8Batch, load_tokenizer
 from megatron_andromeda.preprocess.cleaning import CleaningConfig, clean_text, quality_reason
 from megatron_andromeda.preprocess.dedup import MinHasher, exact_digest
-from megatron_andromeda.preprocess.fast import decode_chunk_utf8, with_eod
+from megatron_andromeda.preprocess.fast import decode_columns_utf8, with_eod
 from megatron_andromeda.preprocess.readers import RawChunk
 from megatron_andromeda.preprocess.split import Splitter
 from megatron_andromeda.preprocess.words import Words, split_words
@@ -50,7 +50,7 @@ class PreparedChunk:
     file_index: int
     num_records: int
     dropped: list[tuple[str, int]]  # (reason, line) of malformed or low-quality records
-    texts: list[tuple[bytes, ...]] | list[tuple[str, ...]]  # (K,) one text per key: UTF-8, or str if cleaned
+    columns: list[Utf8Batch] | list[list[str]]  # per key: (K,) texts, UTF-8 (or str once cleaned)
     lines: np.ndarray  # (K,) line of each candidate
     splits: np.ndarray  # (K,) int8 split index
     digests: list[bytes] | None  # (K,) exact-dedup digests
@@ -97,18 +97,19 @@ class ChunkProcessor:
     def prepare(self, chunk: RawChunk) -> PreparedChunk:
         """Decode, clean, fingerprint and split a chunk (Python work, holds the GIL).
 
-        Texts stay UTF-8 bytes (what gigatoken encodes fastest) unless the cleaning rules need
-        `str`; the digest, split hash and MinHash words are computed from whichever form is at hand,
-        with the same result."""
+        Texts stay one UTF-8 buffer per key (what gigatoken encodes fastest, with no object per
+        document) unless the cleaning rules need `str`; the digest, split hash and MinHash words
+        are computed from whichever form is at hand, with the same result."""
         s = self.settings
-        decoded = decode_chunk_utf8(chunk, s.json_keys)
+        decoded = decode_columns_utf8(chunk, s.json_keys)
         dropped = list(decoded.malformed)
-        texts, lines = decoded.texts, decoded.lines
-        words: list[Words | None] = [None] * len(texts)
+        columns, lines = decoded.columns, decoded.lines
+        words: list[Words | None] = [None] * len(lines)
         if s.cleaning is not None:
-            as_str = [tuple(t.decode("utf-8") for t in record) for record in texts]
-            texts, lines, words = self._clean(as_str, lines, dropped)
-        joined = [_join(t) for t in texts]  # the record as one text (str or UTF-8 bytes)
+            records, lines, words = self._clean(decoded.records(), lines, dropped)
+            columns = [list(column) for column in zip(*records)] if records else [[] for _ in s.json_keys]
+        per_record = s.exact_dedup or s.minhash is not None or self.splitter is not None
+        joined = _joined(columns) if per_record else []  # each record as one text (str or UTF-8)
         utf8 = [_utf8(t) for t in joined] if self.splitter is not None or s.minhash is not None else []
         digests = [exact_digest(_text(t)) for t in joined] if s.exact_dedup else None
         band_keys = None
@@ -118,11 +119,11 @@ class ChunkProcessor:
                 if w is None:
                     w = split_words(data, data.isascii())
                 band_keys[i] = s.minhash.band_keys(w)
-        splits = np.zeros(len(joined), dtype=np.int8)
+        splits = np.zeros(len(lines), dtype=np.int8)
         if self.splitter is not None:
             splits[:] = [self.splitter.split_of(data) for data in utf8]
         return PreparedChunk(
-            chunk.file_index, len(chunk), dropped, texts, np.asarray(lines, dtype=np.int64), splits,
+            chunk.file_index, len(chunk), dropped, columns, np.asarray(lines, dtype=np.int64), splits,
             digests, band_keys,
         )  # fmt: skip
 
@@ -130,7 +131,7 @@ class ChunkProcessor:
         """Tokenize every candidate, one batched call per key (the tokenizer releases the GIL)."""
         tokens, lengths = [], []
         for k in range(len(self.settings.json_keys)):
-            flat, sizes = self.tokenizer.encode_flat([t[k] for t in prepared.texts])
+            flat, sizes = self.tokenizer.encode_flat(prepared.columns[k])
             flat, sizes = with_eod(flat, sizes, self.eod, self.dtype)
             tokens.append(flat)
             lengths.append(sizes)
@@ -160,11 +161,12 @@ class ChunkProcessor:
         return kept_texts, kept_lines, kept_words
 
 
-def _join(record: tuple) -> str | bytes:
-    """A record's texts as one text, newline-separated (same bytes whether str or UTF-8)."""
-    if len(record) == 1:
-        return record[0]
-    return b"\n".join(record) if isinstance(record[0], bytes) else "\n".join(record)
+def _joined(columns: list[Utf8Batch] | list[list[str]]) -> list[str] | list[bytes]:
+    """Each record's texts as one text, newline-separated (the same bytes whether str or UTF-8)."""
+    lists = [column.to_list() if isinstance(column, Utf8Batch) else column for column in columns]
+    if len(lists) == 1:
+        return lists[0]
+    return [(b"\n" if isinstance(r[0], bytes) else "\n").join(r) for r in zip(*lists)]
 
 
 def _utf8(text: str | bytes) -> bytes:
