@@ -21,6 +21,7 @@ from megatron_andromeda.data.tokenizer import (
     load_tokenizer,
     probe_texts,
 )
+from megatron_andromeda.preprocess import pipeline
 from megatron_andromeda.preprocess.cli import main
 from megatron_andromeda.preprocess.pipeline import PreprocessConfig, plan_execution, run
 
@@ -288,18 +289,20 @@ def test_outputs_identical_for_any_workers(tmp_path, tokenizer_path, corpus):
 
 
 def test_default_plan_for_2_and_64_cores(tokenizer_path):
+    """The defaults README/preprocess documents: gigatoken without cleaning runs in the main process
+    on every core; cleaning or dedup (Python per document) take one single-threaded process per core."""
     plain = PreprocessConfig(inputs=("x",), output_prefix="o/x", tokenizer=tokenizer_path, cleaning=None,
                              exact_dedup=False, minhash=None)  # fmt: skip
     cleaned = PreprocessConfig(inputs=("x",), output_prefix="o/x", tokenizer=tokenizer_path)
-    for cores in (2, 64):
+    for cores, prepare in ((2, 1), (64, 4)):
         fast = plan_execution(plain, "gigatoken", cores)
-        assert (fast.processes, fast.threads) == (0, cores)
-        assert (
-            plan_execution(cleaned, "gigatoken", cores).processes,
-            plan_execution(cleaned, "gigatoken", cores).threads,
-        ) == (cores, 1)
+        assert (fast.processes, fast.threads, fast.prepare_threads) == (0, cores, prepare)
+        assert fast.chunk_bytes == 4 << 20
+        slow = plan_execution(cleaned, "gigatoken", cores)
+        assert (slow.processes, slow.threads, slow.chunk_bytes) == (cores, 1, 1 << 20)
         assert plan_execution(plain, "tokenizers", cores).processes == cores
     assert plan_execution(plain, "gigatoken", 1).processes == 0
+    assert plan_execution(dataclasses.replace(plain, workers=3), "gigatoken", 64).threads == 21
 
 
 def test_probe_texts_put_every_special_token_inside_text(tokenizer_path):
@@ -326,3 +329,16 @@ def test_config_setting_in_messages(tokenizer_path, monkeypatch):
     without_gigatoken(monkeypatch)
     with pytest.raises(TokenizerBackendError, match="set data.tokenizer_backend=tokenizers instead"):
         load_tokenizer(tokenizer_path, "gigatoken", setting="data.tokenizer_backend")
+
+
+def test_prepare_threads_keep_input_order(tmp_path, tokenizer_path, corpus, monkeypatch):
+    """On many cores several threads read and decode ahead of gigatoken; the output is the same."""
+    one = preprocess(tmp_path, "one", [corpus[0]], tokenizer_path, workers=None, chunk_bytes=300)
+    monkeypatch.setattr(pipeline, "_available_cores", lambda: 24)
+    plain = PreprocessConfig(inputs=("x",), output_prefix="o/x", tokenizer=tokenizer_path, cleaning=None,
+                             exact_dedup=False, minhash=None)  # fmt: skip
+    plan = plan_execution(plain, "gigatoken", 24)
+    assert (plan.processes, plan.prepare_threads) == (0, 3)
+    many = preprocess(tmp_path, "many", [corpus[0]], tokenizer_path, workers=None, chunk_bytes=300)
+    assert many["execution"]["threads"] == 24 and one["execution"]["processes"] == 0
+    assert dataset_bytes(one) == dataset_bytes(many)

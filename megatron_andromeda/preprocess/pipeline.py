@@ -10,10 +10,12 @@ renamed only after every dataset is complete; the sidecar, written last, marks a
 from __future__ import annotations
 
 import collections
+import itertools
 import json
 import multiprocessing
 import os
 import sys
+import threading
 import time
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -34,6 +36,7 @@ from megatron_andromeda.preprocess.dedup import (
 from megatron_andromeda.preprocess.processor import (
     ChunkProcessor,
     ChunkResult,
+    PreparedChunk,
     ProcessorSettings,
     init_worker,
     process_in_worker,
@@ -196,6 +199,7 @@ class ExecutionPlan:
     threads: int  # tokenizer threads per process (1: encode on the calling thread)
     reason: str
     chunk_bytes: int = 1 << 20  # JSONL bytes per chunk
+    prepare_threads: int = 1  # processes == 0: threads reading and decoding ahead of the tokenizer
 
     def describe(self) -> str:
         where = f"{self.processes} worker processes" if self.processes else "the main process"
@@ -228,7 +232,10 @@ def plan_execution(config: PreprocessConfig, backend: str, cores: int) -> Execut
     # wait for the slowest thread); worker processes want chunks small enough to share out evenly.
     big = processes == 0 and backend == "gigatoken" and threads > 1
     chunk_bytes = config.chunk_bytes or (4 << 20 if big else 1 << 20)
-    return ExecutionPlan(processes, threads, why, chunk_bytes)
+    # gigatoken encodes ~100 MB/s per core, one thread decodes JSONL at ~1 GB/s: one decoding thread
+    # per 8 cores keeps the pool fed (up to 4: the reads before them are one at a time anyway).
+    prepare_threads = min(4, max(1, cores // 8)) if processes == 0 else 1
+    return ExecutionPlan(processes, threads, why, chunk_bytes, prepare_threads)
 
 
 def _results(
@@ -237,7 +244,7 @@ def _results(
     """Processed chunks in input order, from a bounded window of in-flight work."""
     chunks = read_chunks(files, config.json_keys, plan.chunk_bytes, config.chunk_rows)
     if plan.processes == 0:
-        yield from _in_process_results(processor, chunks, window=4)
+        yield from _in_process_results(processor, chunks, plan.prepare_threads, 2 * plan.prepare_threads + 2)
         return
     ctx = multiprocessing.get_context("spawn")  # no forked tokenizer thread pools
     with ctx.Pool(plan.processes, initializer=init_worker, initargs=(processor.settings,)) as pool:
@@ -252,22 +259,38 @@ def _results(
 
 
 def _in_process_results(
-    processor: ChunkProcessor, chunks: Iterator[RawChunk], window: int
+    processor: ChunkProcessor, chunks: Iterator[RawChunk], threads: int, window: int
 ) -> Iterator[ChunkResult]:
-    """Prepare (decode, clean, hash) up to `window` chunks ahead on one thread while this thread
-    tokenizes: the tokenizer releases the GIL, so the two overlap."""
-    with ThreadPoolExecutor(1, thread_name_prefix="preprocess-prepare") as pool:
-        pending: collections.deque = collections.deque()
-        try:
-            for chunk in chunks:
-                pending.append(pool.submit(processor.prepare, chunk))
-                if len(pending) >= window:
-                    yield processor.tokenize(pending.popleft().result())
-            while pending:
-                yield processor.tokenize(pending.popleft().result())
-        finally:
-            for future in pending:
-                future.cancel()
+    """Read and prepare (decode, clean, hash) up to `window` chunks ahead on `threads` threads while
+    this thread tokenizes and the caller writes: the tokenizer and the C++ decoder release the GIL,
+    so reading, decoding and encoding overlap and the tokenizer's pool never waits for a read.
+    Reads are one at a time, in order; results come back in input order whatever thread made them."""
+    lock, counter = threading.Lock(), itertools.count()
+
+    def read_and_prepare() -> tuple[int, PreparedChunk | None]:
+        with lock:
+            seq, chunk = next(counter), next(chunks, None)
+        return seq, None if chunk is None else processor.prepare(chunk)
+
+    done: dict[int, PreparedChunk | None] = {}
+    try:
+        with ThreadPoolExecutor(threads, thread_name_prefix="preprocess-prepare") as pool:
+            pending = collections.deque(pool.submit(read_and_prepare) for _ in range(window))
+            try:
+                for expected in itertools.count():
+                    while expected not in done:
+                        seq, prepared = pending.popleft().result()
+                        done[seq] = prepared
+                        pending.append(pool.submit(read_and_prepare))
+                    prepared = done.pop(expected)
+                    if prepared is None:
+                        break
+                    yield processor.tokenize(prepared)
+            finally:
+                for future in pending:
+                    future.cancel()
+    finally:
+        chunks.close()  # once the pool's threads are done with it: closes the open input file
 
 
 def identity_samples(
