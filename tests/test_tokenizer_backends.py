@@ -2,6 +2,7 @@
 same datasets, the identity check stops a run where they would not, and `auto` falls back, saying
 why, when gigatoken is missing or cannot reproduce the tokenizer."""
 
+import dataclasses
 import json
 import random
 import sys
