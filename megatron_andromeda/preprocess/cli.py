@@ -19,6 +19,13 @@ PREFIX_KEY_document with --no-split or a single non-zero split), with exact dedu
 beside each (16 bytes per document: tools/merge_datasets.py deduplicates runs against each other
 with them), and the sidecar PREFIX.json, written last: a run is complete when its sidecar exists.
 
+speed: with gigatoken installed (pip install 'megatron_andromeda[fast]') --tokenizer-backend auto encodes
+with it once it gives the same ids as the tokenizer's own library on probe texts and the first
+documents (a difference on a document stops the run, naming it). Defaults: without cleaning and dedup,
+gigatoken runs in the main process on all cores with one reading thread per 8 cores (2 cores: 1; 64
+cores: 4) and 4 MB chunks; with cleaning or dedup (Python per document), one single-threaded worker
+process per core (2 or 64). megatron_andromeda/preprocess/README.md explains why.
+
 cleaning options (--clean-set NAME=VALUE, 'none' switches a rule off): see CleaningConfig in
 megatron_andromeda/preprocess/cleaning.py, e.g. --clean-set min_alpha_words_ratio=none
 --clean-set max_duplicate_ngram_chars_ratio=5:0.2,10:0.1
