@@ -346,12 +346,12 @@ class GigatokenTokenizer(Tokenizer):
         splits inside its parallel encode: faster than a list, and far faster than `str` (no
         conversion back to UTF-8). Empty documents, which gigatoken skips in a buffer, get zero ids
         (as every tokenizer gives them)."""
-        if len(texts) and not isinstance(texts, Utf8Batch) and isinstance(texts[0], bytes):
-            texts = Utf8Batch.from_texts(texts)
         if not isinstance(texts, Utf8Batch):
-            return (
-                self._ragged(list(texts)) if len(texts) else (np.zeros(0, np.uint32), np.zeros(0, np.int64))
-            )
+            if not len(texts):
+                return np.zeros(0, np.uint32), np.zeros(0, np.int64)
+            if not isinstance(texts[0], bytes):
+                return self._ragged(list(texts))
+            texts = Utf8Batch.from_texts(texts)
         lengths = np.zeros(len(texts), dtype=np.int64)
         nonempty = texts.lengths > 0
         if texts.buffer.count(SEPARATOR) != len(texts):  # a text that is not UTF-8: no buffer then

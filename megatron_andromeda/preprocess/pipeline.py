@@ -193,9 +193,9 @@ def _available_cores() -> int:
 
 @dataclass(frozen=True)
 class ExecutionPlan:
-    """How a run uses the machine: worker processes and tokenizer threads per process."""
+    """How a run uses the machine: worker processes, tokenizer threads per process, chunk size."""
 
-    processes: int  # 0: the main process, preparing chunks on one thread while the tokenizer encodes
+    processes: int  # 0: the main process, reading ahead on `prepare_threads` while the tokenizer encodes
     threads: int  # tokenizer threads per process (1: encode on the calling thread)
     reason: str
     chunk_bytes: int = 1 << 20  # JSONL bytes per chunk
@@ -213,8 +213,9 @@ def plan_execution(config: PreprocessConfig, backend: str, cores: int) -> Execut
     The default follows where the time goes. Cleaning and dedup are Python per document and hold
     the GIL, so they need processes: one per core, each encoding on its own thread (a tokenizer
     pool per process would oversubscribe the cores). Without them, gigatoken is the work: it
-    encodes in the main process on a pool of all cores with the GIL released, while one thread
-    decodes the next chunk's JSON; worker processes would only add pickling. The `tokenizers`
+    encodes in the main process on a pool of all cores with the GIL released, while threads read
+    and decode the next chunks (C++, GIL released too); worker processes would only add pickling
+    and a tokenizer load each. The `tokenizers`
     library hands back a Python list per document, which costs about as much as its encoding, so
     it keeps one process per core too.
     """
