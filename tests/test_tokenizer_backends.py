@@ -343,3 +343,17 @@ def test_prepare_threads_keep_input_order(tmp_path, tokenizer_path, corpus, monk
     many = preprocess(tmp_path, "many", [corpus[0]], tokenizer_path, workers=None, chunk_bytes=300)
     assert many["execution"]["threads"] == 24 and one["execution"]["processes"] == 0
     assert dataset_bytes(one) == dataset_bytes(many)
+
+
+def test_training_loads_the_tokenizer_with_the_configured_backend(tokenizer_path, monkeypatch):
+    from megatron_andromeda import train
+    from megatron_andromeda.config import load_config
+
+    overrides = [f"data.tokenizer={tokenizer_path}", "model.vocab_size=512"]
+    assert isinstance(train._load_tokenizer(load_config(None, overrides)), GigatokenTokenizer)  # auto
+    pinned = load_config(None, [*overrides, "data.tokenizer_backend=tokenizers"])
+    assert isinstance(train._load_tokenizer(pinned), HFTokenizer)
+    without_gigatoken(monkeypatch)
+    asked = load_config(None, [*overrides, "data.tokenizer_backend=gigatoken"])
+    with pytest.raises(TokenizerBackendError, match="set data.tokenizer_backend=tokenizers instead"):
+        train._load_tokenizer(asked)
