@@ -31,4 +31,4 @@ format: install
 	$(VENV)/bin/ruff check --fix .
 
 clean:
-	rm -rf build *.egg-info demo_out megatron_andromeda/data/_helpers*.so
+	rm -rf build *.egg-info demo_out megatron_andromeda/data/_helpers*.so megatron_andromeda/preprocess/_fast*.so

@@ -10,6 +10,12 @@ ext_modules = [
         cxx_std=17,
         extra_compile_args=["-O3"],
     ),
+    Pybind11Extension(
+        "megatron_andromeda.preprocess._fast",
+        ["csrc/preprocess_fast.cpp"],
+        cxx_std=17,
+        extra_compile_args=["-O3"],
+    ),
 ]
 
 EXTRAS = {
@@ -18,7 +24,9 @@ EXTRAS = {
     "apex": ["apex"],
     "eval": ["lm-eval>=0.4", "sacrebleu>=2.3", "matplotlib"],
     "wandb": ["wandb"],
+    "fast": ["gigatoken>=0.10"],  # tools/preprocess_data.py --tokenizer-backend gigatoken (auto picks it)
     "dev": [
+        "gigatoken>=0.10",
         "pytest>=7",
         "hypothesis>=6",
         "ruff>=0.5",

@@ -25,6 +25,10 @@ from megatron_andromeda.fields import check_fields, describe_section, option
 from megatron_andromeda.models.config import ModelConfig
 from megatron_andromeda.models.presets import get_preset
 
+# data.tokenizer_backend choices; the same tuple as megatron_andromeda.data.tokenizer.TOKENIZER_BACKENDS
+# (a test holds them equal), repeated so reading a config never imports the data stack.
+TOKENIZER_BACKEND_CHOICES = ("auto", "gigatoken", "tokenizers", "sentencepiece")
+
 
 # --------------------------------------------------------------------------------------------- sections
 @dataclass
@@ -112,6 +116,10 @@ class TrainConfig:
 @dataclass
 class DataConfig:
     tokenizer: str = option("", "a tokenizer.json (HF tokenizers) or a SentencePiece .model file")
+    tokenizer_backend: str = option(
+        "auto", "library that encodes text (same ids whichever runs; auto: gigatoken when installed "
+        "and verified, else tokenizers / sentencepiece)", choices=TOKENIZER_BACKEND_CHOICES,
+    )  # fmt: skip
     train: list[str] = option(
         help="Megatron-style blend: [prefix] or [weight, prefix, weight, prefix, ...]", factory=list
     )

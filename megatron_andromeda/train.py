@@ -256,7 +256,9 @@ def _check_inputs(cfg: RunConfig) -> None:
 def _load_tokenizer(cfg: RunConfig):
     from megatron_andromeda.data.tokenizer import load_tokenizer
 
-    tokenizer = load_tokenizer(cfg.data.tokenizer)
+    tokenizer = load_tokenizer(
+        cfg.data.tokenizer, cfg.data.tokenizer_backend, setting="data.tokenizer_backend"
+    )
     if tokenizer.vocab_size > cfg.model.vocab_size:
         raise ConfigError(
             f"the tokenizer {cfg.data.tokenizer} has {tokenizer.vocab_size} tokens but model.vocab_size="

@@ -6,7 +6,9 @@
 
 Writes out/corpus_{train,valid,test}_text_document.{bin,idx} and the sidecar out/corpus.json (tokenizer
 sha256, dtype, documents read/kept/dropped per reason with file:line samples, tokens per split,
-input hashes, options). `--help` lists every option; the work is done by megatron_andromeda.preprocess.
+input hashes, options, the tokenizer backend used). `--tokenizer-backend` (default auto) encodes with
+gigatoken when it is installed and reproduces the tokenizer (megatron_andromeda/preprocess/README.md).
+`--help` lists every option; the work is done by megatron_andromeda.preprocess.
 """
 
 from __future__ import annotations

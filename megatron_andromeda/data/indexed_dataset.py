@@ -124,6 +124,23 @@ class IndexedDatasetWriter:
         self._num_sequences += len(arrays)
         self._doc_starts.extend(range(first, self._num_sequences + 1))
 
+    def add_flat_documents(self, tokens: np.ndarray, lengths: np.ndarray) -> None:
+        """Append one-sequence documents given back to back: `tokens` holds `lengths[i]` ids of
+        document i after those of documents < i. One write, no per-document arrays."""
+        self._check_open()
+        lengths = np.asarray(lengths, dtype=np.int64)
+        if lengths.ndim != 1 or int(lengths.sum()) != np.asarray(tokens).size or (lengths < 0).any():
+            raise ValueError(f"{self.prefix}: lengths must be non-negative and sum to the number of tokens")
+        if lengths.size == 0:
+            return
+        if lengths.max() > np.iinfo(np.int32).max:
+            raise ValueError(f"{self.prefix}: a document longer than 2^31-1 tokens cannot be indexed")
+        self._bin.write(memoryview(np.ascontiguousarray(self._as_tokens(tokens))))
+        self._sizes.append(lengths.astype(np.int32))
+        first = self._num_sequences + 1
+        self._num_sequences += int(lengths.size)
+        self._doc_starts.extend(range(first, self._num_sequences + 1))
+
     def add_document_sequences(self, sequences: Sequence[np.ndarray | Sequence[int]]) -> None:
         """Append one document made of several sequences (e.g. one per sentence)."""
         self._check_open()

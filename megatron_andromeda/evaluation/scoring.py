@@ -82,7 +82,7 @@ def load_eval_model(
     dev = resolve_device(device)
     return EvalModel(
         model.to(dev).eval(),
-        load_tokenizer(tokenizer_path),
+        load_tokenizer(tokenizer_path, config.data.tokenizer_backend, setting="data.tokenizer_backend"),
         dev,
         config.model.max_seq_length,
         batch_size,

@@ -16,7 +16,14 @@ from collections import Counter
 from dataclasses import dataclass, field
 from itertools import repeat
 
-from megatron_andromeda.preprocess.words import Words, covered_words, duplicate_mask, split_words, top_count
+from megatron_andromeda.preprocess.words import (
+    WORD_HASHER,
+    Words,
+    covered_words,
+    duplicate_mask,
+    split_words,
+    top_count,
+)
 
 # C0 controls but tab/newline/carriage return, DEL, C1 controls; also the BOM/zero-width no-break space.
 _CONTROL = re.compile("[\x00-\x08\x0b\x0c\x0e-\x1f\x7f-\x9f\ufeff]")
@@ -120,11 +127,10 @@ def clean_text(text: str, config: CleaningConfig) -> str:
 
 
 def _duplicates(items: list[str]) -> tuple[int, int]:
-    """(number of items, characters in them) that repeat an earlier item."""
-    counts = Counter(items)
-    dup_items = sum(c - 1 for c in counts.values())
-    dup_chars = sum(len(s) * (c - 1) for s, c in counts.items() if c > 1)
-    return dup_items, dup_chars
+    """(number of items, characters in them) that repeat an earlier item: everything but the first
+    occurrence of each distinct item (sums over C-level maps, no Python loop per item)."""
+    distinct = Counter(items)
+    return len(items) - len(distinct), sum(map(len, items)) - sum(map(len, distinct))
 
 
 def _above(value: float, limit: float | None) -> bool:
@@ -180,6 +186,14 @@ def _line_rules(text: str, num_words: int, config: CleaningConfig) -> str | None
 
 
 def _ngram_rules(words: Words, config: CleaningConfig) -> str | None:
+    """The first n-gram rule broken (C++, GIL released; `ngram_rules_reference` is the definition)."""
+    top = sorted(config.max_top_ngram_chars_ratio.items())
+    duplicate = sorted(config.max_duplicate_ngram_chars_ratio.items())
+    return WORD_HASHER.ngram_reason(words.hashes, words.chars, top, duplicate)
+
+
+def ngram_rules_reference(words: Words, config: CleaningConfig) -> str | None:
+    """NumPy definition of the n-gram rules: the most frequent n-gram and the duplicated n-grams."""
     total = float(words.chars.sum())
     if total == 0:
         return None

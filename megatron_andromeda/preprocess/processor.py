@@ -1,24 +1,27 @@
-"""Worker-side processing of one chunk: decode, clean, fingerprint, split and tokenize.
+"""Per-chunk processing: decode, clean, fingerprint and split (`prepare`), then tokenize (`tokenize`).
 
-Everything expensive and independent per document happens here, in the worker processes: JSON
-decoding, cleaning and quality rules, dedup digests and MinHash band keys, the split hash, and
-tokenization (one `encode_batch` call per chunk and key, so the tokenizer's own Rust threads do the
-work). A chunk comes back as flat token arrays, cheap to pickle. The decisions that need the whole
-run (is this a duplicate of an earlier document?) are left to the main process.
+Everything expensive and independent per document happens here: JSON decoding (in C++ where exact,
+see fast.py), cleaning and quality
+rules, dedup digests and MinHash band keys, the split hash, and tokenization (one batched call per
+chunk and key into the tokenizer's own Rust code). The two halves are separate so the in-process run
+can prepare the next chunk on one thread while the tokenizer, which releases the GIL, encodes this
+one on its thread pool; worker processes simply run both. A chunk comes back as flat token arrays
+(end-of-document ids already in place), cheap to pickle and written with one call. The decisions that
+need the whole run (is this a duplicate of an earlier document?) are left to the main process.
 """
 
 from __future__ import annotations
 
-import itertools
-import json
 import os
 from dataclasses import dataclass
 
 import numpy as np
 
+from megatron_andromeda.data.tokenizer import Tokenizer, Utf8Batch, load_tokenizer
 from megatron_andromeda.preprocess.cleaning import CleaningConfig, clean_record
 from megatron_andromeda.preprocess.dedup import MinHasher, exact_digest
-from megatron_andromeda.preprocess.readers import RawChunk, decode_chunk
+from megatron_andromeda.preprocess.fast import decode_columns_utf8, with_eod
+from megatron_andromeda.preprocess.readers import RawChunk
 from megatron_andromeda.preprocess.split import Splitter
 from megatron_andromeda.preprocess.words import Words, split_words
 
@@ -35,6 +38,22 @@ class ProcessorSettings:
     exact_dedup: bool
     minhash: MinHasher | None
     split_weights: tuple[float, float, float] | None  # None: everything goes to split 0
+    tokenizer_backend: str | None = None  # the backend the main process chose and checked
+    tokenizer_threads: int = 1  # threads of the tokenizer's pool; 1 encodes on the calling thread
+
+
+@dataclass
+class PreparedChunk:
+    """A chunk's candidates before tokenization: the well-formed records that passed the rules."""
+
+    file_index: int
+    num_records: int
+    dropped: list[tuple[str, int]]  # (reason, line) of malformed or low-quality records
+    columns: list[Utf8Batch] | list[list[str]]  # per key: (K,) texts, UTF-8 (or str once cleaned)
+    lines: np.ndarray  # (K,) line of each candidate
+    splits: np.ndarray  # (K,) int8 split index
+    digests: list[bytes] | None  # (K,) exact-dedup digests
+    band_keys: np.ndarray | None  # (K, bands) uint64 MinHash LSH keys
 
 
 @dataclass
@@ -59,44 +78,66 @@ class ChunkResult:
 class ChunkProcessor:
     """Turns `RawChunk`s into `ChunkResult`s; one per worker process (or one in-process)."""
 
-    def __init__(self, settings: ProcessorSettings) -> None:
-        from megatron_andromeda.data.tokenizer import load_tokenizer
-
+    def __init__(self, settings: ProcessorSettings, tokenizer: Tokenizer | None = None) -> None:
         self.settings = settings
-        self.tokenizer = load_tokenizer(settings.tokenizer_path)
+        if tokenizer is None:  # a worker: the main process already chose and checked the backend
+            tokenizer = load_tokenizer(
+                settings.tokenizer_path, settings.tokenizer_backend, verify=False,
+                parallel=settings.tokenizer_threads > 1,
+            )  # fmt: skip
+        self.tokenizer = tokenizer
         self.eod = self.tokenizer.eod_id if settings.append_eod else None
         self.dtype = np.dtype(settings.dtype)
         self.splitter = Splitter(settings.split_weights) if settings.split_weights else None
 
     def __call__(self, chunk: RawChunk) -> ChunkResult:
+        return self.tokenize(self.prepare(chunk))
+
+    def prepare(self, chunk: RawChunk) -> PreparedChunk:
+        """Decode, clean, fingerprint and split a chunk (Python work, holds the GIL).
+
+        Texts stay one UTF-8 buffer per key (what gigatoken encodes fastest, with no object per
+        document) unless the cleaning rules need `str`; the digest, split hash and MinHash words
+        are computed from whichever form is at hand, with the same result."""
         s = self.settings
-        decoded = decode_chunk(chunk, s.json_keys, json.loads)  # JSON is ~1% of the time: stdlib
+        decoded = decode_columns_utf8(chunk, s.json_keys)
         dropped = list(decoded.malformed)
-        texts, lines = decoded.texts, decoded.lines
-        words: list[Words | None] = [None] * len(texts)
+        columns, lines = decoded.columns, decoded.lines
+        words: list[Words | None] = [None] * len(lines)
         if s.cleaning is not None:
-            texts, lines, words = self._clean(texts, lines, dropped)
-        joined = [t[0] if len(t) == 1 else "\n".join(t) for t in texts]  # the record as one text
-        digests = [exact_digest(t) for t in joined] if s.exact_dedup else None
+            records, lines, words = self._clean(decoded.records(), lines, dropped)
+            columns = [list(column) for column in zip(*records)] if records else [[] for _ in s.json_keys]
+        per_record = s.exact_dedup or s.minhash is not None or self.splitter is not None
+        joined = _joined(columns) if per_record else []  # each record as one text (str or UTF-8)
+        utf8 = [_utf8(t) for t in joined] if self.splitter is not None or s.minhash is not None else []
+        digests = [exact_digest(_text(t)) for t in joined] if s.exact_dedup else None
         band_keys = None
         if s.minhash is not None:
             band_keys = np.zeros((len(joined), s.minhash.bands[0]), dtype=np.uint64)
-            for i, (text, w) in enumerate(zip(joined, words)):
+            for i, (data, w) in enumerate(zip(utf8, words)):
                 if w is None:
-                    w = split_words(text.encode("utf-8"), text.isascii())
+                    w = split_words(data, data.isascii())
                 band_keys[i] = s.minhash.band_keys(w)
-        splits = np.zeros(len(joined), dtype=np.int8)
+        splits = np.zeros(len(lines), dtype=np.int8)
         if self.splitter is not None:
-            splits[:] = [self.splitter.split_of(t.encode("utf-8")) for t in joined]
+            splits[:] = [self.splitter.split_of(data) for data in utf8]
+        return PreparedChunk(
+            chunk.file_index, len(chunk), dropped, columns, np.asarray(lines, dtype=np.int64), splits,
+            digests, band_keys,
+        )  # fmt: skip
+
+    def tokenize(self, prepared: PreparedChunk) -> ChunkResult:
+        """Tokenize every candidate, one batched call per key (the tokenizer releases the GIL)."""
         tokens, lengths = [], []
-        for k in range(len(s.json_keys)):
-            flat, sizes = self._tokenize([t[k] for t in texts])
+        for k in range(len(self.settings.json_keys)):
+            flat, sizes = self.tokenizer.encode_flat(prepared.columns[k])
+            flat, sizes = with_eod(flat, sizes, self.eod, self.dtype)
             tokens.append(flat)
             lengths.append(sizes)
+        p = prepared
         return ChunkResult(
-            chunk.file_index, len(chunk), dropped, np.asarray(lines, dtype=np.int64), splits,
-            digests, band_keys, tokens, lengths,
-        )  # fmt: skip
+            p.file_index, p.num_records, p.dropped, p.lines, p.splits, p.digests, p.band_keys, tokens, lengths
+        )
 
     def _clean(
         self, texts: list[tuple[str, ...]], lines: list[int], dropped: list[tuple[str, int]]
@@ -116,15 +157,21 @@ class ChunkProcessor:
                 dropped.append((reason, line))
         return kept_texts, kept_lines, kept_words
 
-    def _tokenize(self, texts: list[str]) -> tuple[np.ndarray, np.ndarray]:
-        """All `texts` tokenized (plus EOD) as one flat array and per-document lengths."""
-        ids = self.tokenizer.encode_batch(texts) if texts else []
-        if self.eod is not None:
-            for doc in ids:
-                doc.append(self.eod)
-        sizes = np.fromiter(map(len, ids), dtype=np.int64, count=len(ids))
-        flat = np.fromiter(itertools.chain.from_iterable(ids), dtype=self.dtype, count=int(sizes.sum()))
-        return flat, sizes
+
+def _joined(columns: list[Utf8Batch] | list[list[str]]) -> list[str] | list[bytes]:
+    """Each record's texts as one text, newline-separated (the same bytes whether str or UTF-8)."""
+    lists = [column.to_list() if isinstance(column, Utf8Batch) else column for column in columns]
+    if len(lists) == 1:
+        return lists[0]
+    return [(b"\n" if isinstance(r[0], bytes) else "\n").join(r) for r in zip(*lists)]
+
+
+def _utf8(text: str | bytes) -> bytes:
+    return text if isinstance(text, bytes) else text.encode("utf-8")
+
+
+def _text(text: str | bytes) -> str:
+    return text.decode("utf-8") if isinstance(text, bytes) else text
 
 
 # ------------------------------------------------------------------ multiprocessing worker entry points
@@ -133,11 +180,12 @@ class ChunkProcessor:
 _WORKER: ChunkProcessor | None = None
 
 
-def init_worker(settings: ProcessorSettings, threads: int) -> None:
-    """Pool initializer: cap the tokenizer's Rust thread pool, then load the tokenizer."""
+def init_worker(settings: ProcessorSettings) -> None:
+    """Pool initializer: size the tokenizer's Rust thread pool, then load the tokenizer."""
     global _WORKER
-    os.environ["RAYON_NUM_THREADS"] = str(threads)
-    os.environ["RAYON_RS_NUM_CPUS"] = str(threads)
+    threads = str(settings.tokenizer_threads)
+    os.environ["RAYON_NUM_THREADS"] = threads  # gigatoken's pool and the tokenizers library's
+    os.environ["RAYON_RS_NUM_CPUS"] = threads  # the tokenizers library's older name
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "true")
     _WORKER = ChunkProcessor(settings)
 

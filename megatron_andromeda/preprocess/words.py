@@ -10,12 +10,15 @@ Words are split on ASCII whitespace and controls, case-folded on ASCII letters; 
 letters and any non-ASCII character (most non-ASCII text is letters).
 
 All hashes are deterministic (fixed seeds, no PYTHONHASHSEED), so every worker process and every rerun
-agrees on them.
+agrees on them. `split_words` runs the same arithmetic in one C++ pass (csrc/preprocess_fast.cpp);
+`split_words_reference` is the NumPy definition a property test holds it equal to.
 """
 
 from __future__ import annotations
 
 import numpy as np
+
+from megatron_andromeda.preprocess import _fast
 
 _U64 = np.uint64
 
@@ -28,6 +31,8 @@ def _odd_constants(seed: int, shape: tuple[int, ...]) -> np.ndarray:
 _PAIR_TABLE = _odd_constants(0x5EED_0001, (1 << 16,))  # per (previous byte, byte) value
 _PAIR_TABLE[(32 << 8) | 32] = 0  # whitespace between words adds nothing to a word's sum
 _NGRAM_MULT = list(_odd_constants(0x5EED_0002, (64,)))  # per position inside an n-gram (np.uint64 scalars)
+# The C++ word hasher and n-gram rules, holding (copies of) the two tables above; read-only.
+WORD_HASHER = _fast.WordHasher(_PAIR_TABLE, np.asarray(_NGRAM_MULT, dtype=np.uint64))
 
 
 def splitmix64(x: np.ndarray) -> np.ndarray:
@@ -73,6 +78,11 @@ def ngram_hashes(hashes: np.ndarray, n: int) -> np.ndarray:
 
 def split_words(data: bytes, ascii_only: bool = False) -> Words:
     """Words of UTF-8 `data`; `ascii_only` promises no multi-byte characters (saves a pass)."""
+    return Words(*WORD_HASHER.split(data, ascii_only))
+
+
+def split_words_reference(data: bytes, ascii_only: bool = False) -> Words:
+    """NumPy definition of `split_words`."""
     raw = np.frombuffer(b" " + data + b" ", dtype=np.uint8)  # (N,) whitespace-framed
     in_word = raw > 32  # ASCII controls count as whitespace too
     starts = np.flatnonzero(in_word[1:] & ~in_word[:-1]) + 1  # (W,)
