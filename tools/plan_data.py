@@ -61,9 +61,25 @@ def format_plan(plan: StagePlan, available: list[int | None]) -> str:
     return "\n".join(lines)
 
 
+def recorded_profile(source: Source) -> str | None:
+    """The --clean-profile the source's preprocessing run recorded in its sidecar (None: unknown)."""
+    sidecar = Path(f"{source.prefix}.json") if source.prefix else None
+    if sidecar is None or not sidecar.is_file():
+        return None
+    options = json.loads(sidecar.read_text()).get("options", {})
+    return options.get("clean_profile") or ("none" if options.get("cleaning") is None else None)
+
+
 def warnings_for(plan: StagePlan, available: list[int | None], max_epochs: float) -> list[str]:
     notes = []
     for source, recipe_source, tokens in zip(plan.sources, plan.recipe.sources, available):
+        recorded = recorded_profile(recipe_source)
+        if recorded is not None and recorded != recipe_source.clean_profile:
+            notes.append(
+                f"WARNING {plan.recipe.name}/{source.name}: preprocessed with --clean-profile {recorded}, "
+                f"the recipe asks for {recipe_source.clean_profile} (prose rules drop ordinary source "
+                "files); rerun tools/preprocess_data.py with the recipe's profile"
+            )
         if tokens and source.epochs > max_epochs:
             notes.append(
                 f"WARNING {plan.recipe.name}/{source.name}: {source.epochs:.1f} epochs exceeds "

@@ -56,7 +56,7 @@ def iter_texts(paths: list[Path], json_key: str = "text") -> Iterator[str]:
             text = record.get(json_key) if isinstance(record, dict) else None
             if not isinstance(text, str):
                 raise InputError(
-                    f"{path}:{lineno}: no string field {json_key!r}; pass --json-key with the "
+                    f"{path}:{lineno}: no string field {json_key!r}; pass --json-keys with the "
                     "name of the field that holds the text"
                 )
             yield text
@@ -158,7 +158,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--input", type=Path, nargs="+", required=True, help="JSONL(.gz/.zst) or .txt files")
     parser.add_argument("--output", type=Path, required=True, help="tokenizer.json (bpe) or NAME.model")
     parser.add_argument("--vocab-size", type=int, default=8192)
-    parser.add_argument("--json-key", default="text", help="JSONL field holding the text")
+    parser.add_argument(
+        "--json-keys", "--json-key", dest="json_key", default="text", metavar="KEY",
+        help="JSONL field holding the text (spelled as in preprocess_data.py; --json-key also works)",
+    )  # fmt: skip
     parser.add_argument("--kind", choices=sorted(MIN_VOCAB), default="bpe")
     args = parser.parse_args(argv)
 

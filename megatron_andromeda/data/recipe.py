@@ -8,6 +8,7 @@ A recipe is a YAML file:
       - name: c4                  # a label for reports
         prefix: data/c4/en        # the --output-prefix given to tools/preprocess_data.py
         weight: 0.3               # share of the stage's samples ...
+        clean_profile: prose      # the --clean-profile its preprocessing needs (code for source files)
       - name: openwebtext
         prefix: data/openwebtext/owt
         tokens: 5.0e9             # ... or a token budget (shares are then budget / total)
@@ -28,6 +29,8 @@ import yaml
 
 from megatron_andromeda.data.blend import Blend, normalise
 from megatron_andromeda.errors import ConfigError
+
+CLEAN_PROFILES = ("prose", "code", "none")  # preprocess.cleaning.PROFILES (data/ does not import it)
 
 SPLIT_SUFFIX = {
     "train": "_train_text_document",
@@ -52,6 +55,7 @@ class Source:
     train: str = ""
     valid: str = ""
     test: str = ""
+    clean_profile: str = "prose"  # the tools/preprocess_data.py --clean-profile this source calls for
 
     def dataset(self, split: str) -> str:
         explicit = getattr(self, split)
@@ -105,6 +109,11 @@ def load_recipe(path: str | Path) -> Recipe:
         if unknown:
             raise ConfigError(f"{where} has unknown keys {sorted(unknown)} (valid: {sorted(known)})")
         source = Source(**{k: (float(v) if k in ("weight", "tokens") else v) for k, v in entry.items()})
+        if source.clean_profile not in CLEAN_PROFILES:
+            raise ConfigError(
+                f"{where} ({source.name}): clean_profile {source.clean_profile!r} is not one of "
+                f"{', '.join(CLEAN_PROFILES)}"
+            )
         _check_source(source, where)
         sources.append(source)
     kinds = {s.weight is not None for s in sources}

@@ -1,10 +1,20 @@
-"""Text normalisation and document quality rules (Gopher / C4 style), each switchable.
+"""Text normalisation and document quality rules, each switchable, in profiles per kind of text.
 
 `clean_text` repairs what can be repaired (Unicode normal form, control characters); `quality_reason`
 then returns the name of the first rule a document breaks, or None. Rules run cheapest first and stop
 at the first failure, so bad documents cost little. Every threshold can be set to None to switch its
-rule off. Defaults follow Rae et al. 2021 (Gopher, appendix A.1.1), word-level rules use ASCII
-whitespace-separated words (`words.py`).
+rule off.
+
+Profiles (`--clean-profile`, and `clean_profile:` per source in the stage recipes):
+
+- `prose` (the default): Rae et al. 2021 (Gopher, appendix A.1.1) and C4's rules; word-level rules
+  use ASCII whitespace-separated words (`words.py`). They judge natural language: on source code
+  they drop ordinary files (repeated n-grams, '#' comments, short "words").
+- `code`: the file-level filters of code corpora (The Stack / StarCoder): a longest line above 1,000
+  characters or a mean line above 100 (minified or generated files), less than 25% alphanumeric
+  characters (data blobs), files above 1 MB; the text is kept byte for byte (no Unicode
+  normalisation, control characters kept).
+- `none`: nothing is normalised or dropped for quality (exact and near dedup still apply).
 """
 
 from __future__ import annotations
@@ -60,6 +70,10 @@ class CleaningConfig:
         default_factory=lambda: {5: 0.15, 6: 0.14, 7: 0.13, 8: 0.12, 9: 0.11, 10: 0.10}
     )
     drop_lorem_ipsum: bool = True  # C4
+    # Code-corpus rules (the `code` profile): longest line, mean line length, alphanumeric share.
+    max_line_length: int | None = None
+    max_mean_line_length: float | None = None
+    min_alnum_ratio: float | None = None
 
     def __post_init__(self) -> None:
         if self.unicode_form is not None and self.unicode_form not in UNICODE_FORMS:
@@ -115,6 +129,60 @@ def _parse_value(name: str, raw: str, current: object, annotation: str) -> objec
         return raw
     except ValueError as e:
         raise ValueError(f"--clean-set {name}={raw}: cannot parse as {annotation}") from e
+
+
+PROFILES = ("prose", "code", "none")
+
+
+def cleaning_profile(name: str) -> CleaningConfig | None:
+    """The cleaning of a profile (None: no cleaning); `--clean-set` refines it."""
+    if name == "prose":
+        return CleaningConfig()
+    if name == "code":
+        off: dict = {name: None for name in _TEXT_RULES}
+        off.update(max_top_ngram_chars_ratio={}, max_duplicate_ngram_chars_ratio={})
+        return CleaningConfig(
+            **off,
+            unicode_form=None,
+            strip_control_chars=False,
+            drop_lorem_ipsum=False,
+            max_chars=1_000_000,
+            max_line_length=1000,
+            max_mean_line_length=100.0,
+            min_alnum_ratio=0.25,
+        )
+    if name == "none":
+        return None
+    raise ValueError(f"--clean-profile {name!r}: use one of {', '.join(PROFILES)}")
+
+
+# The option that switches each drop reason off: `--clean-set FIELD=none` (or the flag itself).
+REASON_SWITCHES = {
+    "too_short": "--clean-set min_chars=none", "too_long": "--clean-set max_chars=none",
+    "lorem_ipsum": "--clean-set drop_lorem_ipsum=false", "line_too_long": "--clean-set max_line_length=none",
+    "mean_line_length": "--clean-set max_mean_line_length=none",
+    "alnum_ratio": "--clean-set min_alnum_ratio=none", "too_few_words": "--clean-set min_words=none",
+    "too_many_words": "--clean-set max_words=none",
+    "mean_word_length": "--clean-set min_mean_word_length=none max_mean_word_length=none",
+    "alpha_words": "--clean-set min_alpha_words_ratio=none",
+    "symbol_ratio": "--clean-set max_symbol_word_ratio=none",
+    "bullet_lines": "--clean-set max_bullet_lines_ratio=none",
+    "ellipsis_lines": "--clean-set max_ellipsis_lines_ratio=none",
+    "duplicate_lines": "--clean-set max_duplicate_lines_ratio=none",
+    "duplicate_line_chars": "--clean-set max_duplicate_line_chars_ratio=none",
+    "duplicate_paragraphs": "--clean-set max_duplicate_paragraphs_ratio=none",
+    "duplicate_paragraph_chars": "--clean-set max_duplicate_paragraph_chars_ratio=none",
+    "exact_duplicate": "--no-exact-dedup", "near_duplicate": "--no-near-dedup",
+}  # fmt: skip
+
+
+def reason_switch(reason: str) -> str | None:
+    """The flag that stops `reason` from dropping documents (None: the input itself is at fault)."""
+    if reason.startswith("top_") and reason.endswith("gram"):
+        return "--clean-set max_top_ngram_chars_ratio=none"
+    if reason.startswith("duplicate_") and reason.endswith("gram"):
+        return "--clean-set max_duplicate_ngram_chars_ratio=none"
+    return REASON_SWITCHES.get(reason)
 
 
 def clean_text(text: str, config: CleaningConfig) -> str:
@@ -217,6 +285,33 @@ def ngram_rules_reference(words: Words, config: CleaningConfig) -> str | None:
     return None
 
 
+def _code_rules(text: str, config: CleaningConfig) -> str | None:
+    rules = (config.max_line_length, config.max_mean_line_length, config.min_alnum_ratio)
+    if rules == (None, None, None):
+        return None
+    lengths = list(map(len, text.split("\n")))
+    if _above(max(lengths), config.max_line_length):
+        return "line_too_long"
+    if _above(len(text) / len(lengths), config.max_mean_line_length):
+        return "mean_line_length"
+    if text and _below(sum(map(str.isalnum, text)) / len(text), config.min_alnum_ratio):
+        return "alnum_ratio"
+    return None
+
+
+_TEXT_RULES = (
+    "min_words", "max_words", "min_mean_word_length", "max_mean_word_length", "max_symbol_word_ratio",
+    "max_bullet_lines_ratio", "max_ellipsis_lines_ratio", "min_alpha_words_ratio",
+    "max_duplicate_lines_ratio", "max_duplicate_line_chars_ratio", "max_duplicate_paragraphs_ratio",
+    "max_duplicate_paragraph_chars_ratio", "max_top_ngram_chars_ratio", "max_duplicate_ngram_chars_ratio",
+)  # fmt: skip
+
+
+def _needs_words(config: CleaningConfig) -> bool:
+    """Whether any word, line or n-gram rule is on (the `code` profile has none)."""
+    return any(getattr(config, name) not in (None, {}) for name in _TEXT_RULES)
+
+
 def quality_reason(text: str, config: CleaningConfig, words: Words | None = None) -> str | None:
     """The first quality rule `text` breaks, or None. `words` is `split_words(text)` when at hand."""
     if _below(len(text), config.min_chars):
@@ -225,6 +320,11 @@ def quality_reason(text: str, config: CleaningConfig, words: Words | None = None
         return "too_long"
     if config.drop_lorem_ipsum and "lorem ipsum" in text.lower():
         return "lorem_ipsum"
+    reason = _code_rules(text, config)
+    if reason:
+        return reason
+    if not _needs_words(config):
+        return None
     if words is None:
         words = split_words(text.encode("utf-8"), ascii_only=text.isascii())
     return _word_rules(words, config) or _line_rules(text, len(words), config) or _ngram_rules(words, config)

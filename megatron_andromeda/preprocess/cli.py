@@ -4,15 +4,28 @@ from __future__ import annotations
 
 import argparse
 import sys
+from pathlib import Path
 
 from megatron_andromeda.data.tokenizer import TOKENIZER_BACKENDS
-from megatron_andromeda.preprocess.cleaning import CleaningConfig
+from megatron_andromeda.preprocess.cleaning import PROFILES, CleaningConfig, cleaning_profile, reason_switch
 from megatron_andromeda.preprocess.dedup import MinHasher
 from megatron_andromeda.preprocess.guards import empty_split_warnings
 from megatron_andromeda.preprocess.pipeline import PreprocessConfig, run
 from megatron_andromeda.preprocess.readers import InputError
 from megatron_andromeda.preprocess.report import summary_lines
 from megatron_andromeda.preprocess.split import parse_split
+
+# Megatron-LM's --tokenizer-type values we read, and the file each needs (others are refused by name).
+MEGATRON_TOKENIZER_FILES = {
+    "HuggingFaceTokenizer": "tokenizer.json",
+    "SentencePieceTokenizer": "SentencePiece .model",
+    "GPTSentencePieceTokenizer": "SentencePiece .model",
+    "Llama2Tokenizer": "SentencePiece .model",
+}
+MEGATRON_TOKENIZER_TYPES = (
+    *MEGATRON_TOKENIZER_FILES, "GPT2BPETokenizer", "BertWordPieceLowerCase", "BertWordPieceCase",
+    "TikTokenizer", "NullTokenizer", "MultimodalTokenizer",
+)  # fmt: skip
 
 EPILOG = """\
 outputs: PREFIX_{train,valid,test}_KEY_document.{bin,idx} (one dataset per split and --json-keys key;
@@ -23,6 +36,15 @@ A rerun into the same prefix replaces the earlier run's outputs only once its ow
 output that would overwrite an input is refused; globs skip sidecars and dataset files of runs. A
 truncated or damaged .gz/.zst input, or a run that keeps no document, fails (exit 2) and writes
 nothing; an empty split is written with a warning.
+
+compared with Megatron-LM's tools/preprocess_data.py: the same .bin/.idx format, the same --input
+(JSONL), --json-keys, --output-prefix, --append-eod and --workers flags, and its --tokenizer-type /
+--tokenizer-model pair. By default this tool also cleans (--clean-profile prose; use code for source
+files, none for Megatron's behaviour), deduplicates (--no-dedup for none) and splits 98/1/1 into
+PREFIX_train_text_document, PREFIX_valid_... and PREFIX_test_..., where Megatron writes one
+PREFIX_text_document: --no-split gives that name, as does Megatron's tokenizer pair without --split.
+A run that drops more than --warn-drop-share of its documents ends with a one-line warning naming
+the top reasons and the flag that turns each off.
 
 near-duplicates across machines: run tools/neardup.py over every input first, then give each run
 --near-dup-dir WORK_DIR (with the same --json-keys and cleaning flags as the near-dup run).
@@ -57,7 +79,15 @@ def build_parser() -> argparse.ArgumentParser:
     )
     io.add_argument("--json-keys", nargs="+", default=["text"], metavar="KEY", help="text field(s)")
     io.add_argument("--output-prefix", required=True)
-    io.add_argument("--tokenizer", required=True, help="tokenizer.json (HF fast) or SentencePiece .model")
+    io.add_argument("--tokenizer", help="tokenizer.json (HF fast) or SentencePiece .model")
+    io.add_argument(
+        "--tokenizer-type", choices=MEGATRON_TOKENIZER_TYPES, metavar="TYPE",
+        help="Megatron-LM's spelling, with --tokenizer-model: HuggingFaceTokenizer (a tokenizer.json or a "
+        "local folder holding one) or SentencePieceTokenizer / GPTSentencePieceTokenizer / "
+        "Llama2Tokenizer (a .model); other Megatron types are refused by name. With these flags and no "
+        "--split, the output is one dataset named as Megatron names it: PREFIX_text_document",
+    )  # fmt: skip
+    io.add_argument("--tokenizer-model", metavar="PATH", help="Megatron-LM's spelling of --tokenizer")
     io.add_argument(
         "--tokenizer-backend",
         default="auto",
@@ -89,21 +119,18 @@ def build_parser() -> argparse.ArgumentParser:
         help="JSONL chunk size handed to a worker (default 1; 4 when gigatoken encodes in the main process)",
     )
     split = p.add_argument_group("split")
-    split.add_argument("--split", default="98,1,1", help="train,valid,test weights (default 98,1,1)")
+    split.add_argument(
+        "--split", default=None,
+        help="train,valid,test weights (default 98,1,1; with Megatron's --tokenizer-type flags: no split)",
+    )  # fmt: skip
     split.add_argument("--no-split", action="store_true", help="one dataset, Megatron naming")
-    clean = p.add_argument_group("cleaning")
-    clean.add_argument("--no-clean", action="store_true", help="no normalisation or quality rules")
-    clean.add_argument("--min-chars", type=int, default=None)
-    clean.add_argument("--max-chars", type=int, default=None)
-    clean.add_argument("--min-words", type=int, default=None)
-    clean.add_argument("--max-words", type=int, default=None)
-    clean.add_argument("--unicode-form", default=None, help="NFC (default), NFKC, NFD, NFKD or none")
-    clean.add_argument(
-        "--clean-set",
-        action="append",
-        default=[],
-        metavar="NAME=VALUE",
-        help="set any CleaningConfig field (repeatable)",
+    add_cleaning_flags(p.add_argument_group("cleaning"))
+    p.add_argument(
+        "--warn-drop-share",
+        type=float,
+        default=0.2,
+        metavar="FRACTION",
+        help="warn at the end when more than this share of the documents was dropped (default 0.2)",
     )
     dedup = p.add_argument_group("deduplication")
     dedup.add_argument("--no-dedup", action="store_true", help="neither exact nor near-duplicate removal")
@@ -123,8 +150,30 @@ def build_parser() -> argparse.ArgumentParser:
     return p  # fmt: skip
 
 
+def add_cleaning_flags(group) -> None:
+    """The cleaning flags, shared with tools/neardup.py (its signatures must keep the same records)."""
+    group.add_argument(
+        "--clean-profile", choices=PROFILES, default="prose",
+        help="prose (default: Gopher/C4 quality rules for natural language), code (file-level filters "
+        "of code corpora: generated/minified/data files; source kept byte for byte), none",
+    )  # fmt: skip
+    group.add_argument("--no-clean", action="store_true", help="the same as --clean-profile none")
+    group.add_argument("--min-chars", type=int, default=None)
+    group.add_argument("--max-chars", type=int, default=None)
+    group.add_argument("--min-words", type=int, default=None)
+    group.add_argument("--max-words", type=int, default=None)
+    group.add_argument(
+        "--unicode-form", default=None, help="NFC (the prose default), NFKC, NFD, NFKD or none"
+    )
+    group.add_argument(
+        "--clean-set", action="append", default=[], metavar="NAME=VALUE",
+        help="set any CleaningConfig field on top of the profile (repeatable)",
+    )  # fmt: skip
+
+
 def _cleaning(args: argparse.Namespace) -> CleaningConfig | None:
-    if args.no_clean:
+    base = cleaning_profile("none" if args.no_clean else args.clean_profile)
+    if base is None:
         return None
     overrides = {}
     for item in args.clean_set:
@@ -135,10 +184,47 @@ def _cleaning(args: argparse.Namespace) -> CleaningConfig | None:
     for flag in ("min_chars", "max_chars", "min_words", "max_words", "unicode_form"):
         if getattr(args, flag) is not None:
             overrides[flag] = str(getattr(args, flag))
-    return CleaningConfig().with_overrides(overrides)
+    return base.with_overrides(overrides)
+
+
+def resolve_tokenizer(args: argparse.Namespace) -> tuple[str, bool]:
+    """(tokenizer path, whether Megatron's flags named it) from --tokenizer or Megatron's pair."""
+    megatron = args.tokenizer_type is not None or args.tokenizer_model is not None
+    if args.tokenizer and megatron:
+        raise ValueError("give --tokenizer, or Megatron's --tokenizer-type with --tokenizer-model, not both")
+    if not megatron:
+        if not args.tokenizer:
+            raise ValueError(
+                "--tokenizer is required (a tokenizer.json or SentencePiece .model; Megatron's "
+                "--tokenizer-type HuggingFaceTokenizer --tokenizer-model PATH works too)"
+            )
+        return args.tokenizer, False
+    if not (args.tokenizer_type and args.tokenizer_model):
+        raise ValueError(
+            "Megatron's tokenizer flags come as a pair: --tokenizer-type TYPE --tokenizer-model PATH"
+        )
+    if args.tokenizer_type not in MEGATRON_TOKENIZER_FILES:
+        raise ValueError(
+            f"--tokenizer-type {args.tokenizer_type}: not supported here (it needs Megatron's own vocabulary "
+            "files); convert the tokenizer to a tokenizer.json (HuggingFaceTokenizer) or a SentencePiece "
+            ".model, or use Megatron-LM's tools/preprocess_data.py for it"
+        )
+    path = Path(args.tokenizer_model)
+    if args.tokenizer_type == "HuggingFaceTokenizer" and path.is_dir():
+        path = path / "tokenizer.json"  # Megatron loads a folder through transformers: its fast file
+    if not path.is_file():
+        raise ValueError(
+            f"--tokenizer-model {args.tokenizer_model}: not a local file (nothing is downloaded; give the "
+            f"{MEGATRON_TOKENIZER_FILES[args.tokenizer_type]} or a folder holding tokenizer.json)"
+        )
+    return str(path), True
 
 
 def config_from_args(args: argparse.Namespace) -> PreprocessConfig:
+    tokenizer, megatron_style = resolve_tokenizer(args)
+    # Megatron's command line (its tokenizer flags, no --split) writes Megatron's names: one dataset.
+    no_split = args.no_split or (megatron_style and args.split is None)
+    args.no_split = no_split
     minhash = None
     if not (args.no_dedup or args.no_near_dedup or args.near_dup_dir):
         minhash = MinHasher(
@@ -149,14 +235,15 @@ def config_from_args(args: argparse.Namespace) -> PreprocessConfig:
     return PreprocessConfig(
         inputs=tuple(args.input),
         output_prefix=args.output_prefix,
-        tokenizer=args.tokenizer,
+        tokenizer=tokenizer,
         tokenizer_backend=args.tokenizer_backend,
         json_keys=tuple(args.json_keys),
         workers=args.workers,
         threads_per_worker=args.threads_per_worker,
-        split=None if args.no_split else parse_split(args.split),
+        split=None if no_split else parse_split(args.split or "98,1,1"),
         append_eod=args.append_eod,
         cleaning=_cleaning(args),
+        clean_profile="none" if args.no_clean else args.clean_profile,
         exact_dedup=not (args.no_dedup or args.no_exact_dedup),
         minhash=minhash,
         chunk_bytes=int(args.chunk_mb * (1 << 20)) if args.chunk_mb is not None else None,
@@ -177,9 +264,32 @@ def main(argv: list[str] | None = None) -> int:
     for line in summary_lines(report):
         print(line)
     print(f"sidecar: {config.sidecar_path()}")
-    for warning in empty_split_warnings(report, None if args.no_split else args.split):
+    for warning in empty_split_warnings(report, None if args.no_split else args.split or "98,1,1"):
+        print(warning, file=sys.stderr)
+    warning = drop_share_warning(
+        report, args.warn_drop_share, args.clean_profile if not args.no_clean else "none"
+    )
+    if warning:
         print(warning, file=sys.stderr)
     return 0
+
+
+def drop_share_warning(report: dict, threshold: float, profile: str) -> str | None:
+    """One line when a run dropped more than `threshold` of its documents: the top reasons and the
+    flag that stops each (nothing is dropped silently, but a share this large is worth a look)."""
+    docs = report["documents"]
+    if not docs["read"] or docs["dropped"] / docs["read"] <= threshold:
+        return None
+    top = sorted(report["dropped"].items(), key=lambda item: -item[1]["count"])[:3]
+    reasons = []
+    for reason, item in top:
+        switch = reason_switch(reason)
+        reasons.append(f"{reason} {item['count']:,}" + (f" ({switch})" if switch else " (fix the input)"))
+    hint = " For source code use --clean-profile code." if profile == "prose" else ""
+    return (
+        f"warning: dropped {docs['dropped']:,} of {docs['read']:,} documents "
+        f"({100 * docs['dropped'] / docs['read']:.0f}%): {'; '.join(reasons)}.{hint}"
+    )
 
 
 # tools/neardup.py takes the same cleaning flags: its signature stage must keep the same records.

@@ -77,6 +77,7 @@ class PreprocessConfig:
     split: tuple[float, float, float] | None = (0.98, 0.01, 0.01)  # None: one dataset, no split name
     append_eod: bool = False
     cleaning: CleaningConfig | None = field(default_factory=CleaningConfig)
+    clean_profile: str = "prose"  # the profile `cleaning` started from (recorded in the sidecar)
     exact_dedup: bool = True
     minhash: MinHasher | None = field(default_factory=MinHasher)
     chunk_bytes: int | None = None  # JSONL bytes per chunk; None: see plan_execution

@@ -6,7 +6,7 @@ import argparse
 import os
 import sys
 
-from megatron_andromeda.preprocess.cli import cleaning_from_args
+from megatron_andromeda.preprocess.cli import add_cleaning_flags, cleaning_from_args
 from megatron_andromeda.preprocess.neardup.runner import run_all, run_stage, select_tasks, upstream_digest
 from megatron_andromeda.preprocess.neardup.settings import (
     DEFAULT_BANDS,
@@ -86,11 +86,7 @@ def _settings_flags(p: argparse.ArgumentParser) -> None:
     clean = p.add_argument_group(
         "cleaning (must match the preprocess_data.py runs that apply the drop lists)"
     )
-    clean.add_argument("--no-clean", action="store_true")
-    for flag in ("--min-chars", "--max-chars", "--min-words", "--max-words"):
-        clean.add_argument(flag, type=int, default=None)
-    clean.add_argument("--unicode-form", default=None)
-    clean.add_argument("--clean-set", action="append", default=[], metavar="NAME=VALUE")  # fmt: skip
+    add_cleaning_flags(clean)
 
 
 def _task_flags(p: argparse.ArgumentParser) -> None:
