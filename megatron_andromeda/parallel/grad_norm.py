@@ -18,6 +18,7 @@ ranges of the flattened parameter, so they apply to any data-parallel fragment o
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterable, Sequence
 
 import torch
@@ -67,7 +68,7 @@ def counted_ranges(
     rows = getattr(param, "tp_replicated_rows", None)
     if rows is None or tp_rank % rows.replicas == 0:
         return [(0, stop - start)]
-    row = param[0].numel()
+    row = math.prod(param.shape[1:])  # (a DTensor shard's shape is the whole tensor-parallel shard's)
     skip_start, skip_stop = rows.start * row, rows.stop * row
     kept = [(start, min(stop, skip_start)), (max(start, skip_stop), stop)]
     return [(a - start, b - start) for a, b in kept if a < b]
