@@ -122,6 +122,7 @@ def train_case(root: Path, *extra: str, steps: int = STEPS) -> dict:
     held = sum(f.stop - f.start for f in parts.optimizer.fragments)
     return {
         **result,
+        "valid": trainer.evaluate(Tokens(seed=1))["loss"],  # forward only, under no_grad
         "params": saved_params(trainer),
         "held": held,  # parameter elements whose shard (and moments) this rank holds
         "sharded": all(type(p).__name__ == "DTensor" for p in trainer.model.parameters()),
@@ -239,11 +240,12 @@ def fp16_overflow_on_rank_1(root: Path) -> dict:
 def reference(tmp_path: Path, *extra: str, steps: int = STEPS) -> dict:
     model_args = [x for x in extra if not x.startswith("parallel.")]
     trainer = reference_trainer(run_config(tmp_path, *model_args, f"train.steps={steps}"), Tokens(), tmp_path)
-    return {**train(trainer, steps), "params": params_of(trainer.model)}
+    result = train(trainer, steps)
+    return {**result, "params": params_of(trainer.model), "valid": trainer.evaluate(Tokens(seed=1))["loss"]}
 
 
 def assert_matches(got: dict, expected: dict, rank: int, rtol: float = RTOL, atol: float = 1e-6) -> None:
-    for key in ("loss", "grad_norm"):
+    for key in ("loss", "grad_norm", "valid"):
         torch.testing.assert_close(
             torch.tensor(got[key]), torch.tensor(expected[key]), rtol=rtol, atol=atol,
             msg=lambda m, k=key: f"rank {rank} {k}: {m}",

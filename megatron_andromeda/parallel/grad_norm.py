@@ -1,9 +1,10 @@
 """The global gradient norm across tensor, pipeline and data groups, with every value counted once.
 
 A rank holds three kinds of gradient values: its own tensor-parallel shards (counted), copies of
-values other ranks hold too (counted by exactly one holder), and, under the distributed optimizer,
-only its data-parallel shard of the reduced gradient (disjoint across data ranks, so the squares
-are summed over the data group as well). Who counts a replicated value:
+values other ranks hold too (counted by exactly one holder), and, under the distributed optimizer
+or full sharding, only its data-parallel shard of the reduced gradient (disjoint across data ranks,
+so the squares are summed over the data group as well; under HSDP only the first replica counts
+its shard). Who counts a replicated value:
 
 | value                                                  | counted on                              |
 |--------------------------------------------------------|-----------------------------------------|
