@@ -62,11 +62,18 @@ class Placement:
         return cls.for_sharding(layout, rank, cfg.parallel.sharding, cfg.parallel.data_replicas)
 
     @classmethod
-    def from_context(cls, ctx: ParallelContext, sharded_optimizer: bool = False) -> Placement:
-        """ctx's place; a run layout's own data sharding, else ZeRO-1 if `sharded_optimizer`."""
-        if isinstance(ctx.layout, RunLayout):
-            return cls.of_run(ctx.layout, ctx.rank)
-        return cls(ctx.layout, ctx.rank, sharded_optimizer and ctx.dp_size > 1)
+    def from_context(cls, ctx: ParallelContext, sharded_optimizer: bool | None = None) -> Placement:
+        """ctx's place with its run layout's data sharding; a bare RankLayout shards the optimizer
+        (ZeRO-1) if `sharded_optimizer`. Contradicting the run layout is an error."""
+        if not isinstance(ctx.layout, RunLayout):
+            return cls(ctx.layout, ctx.rank, bool(sharded_optimizer) and ctx.dp_size > 1)
+        placement = cls.of_run(ctx.layout, ctx.rank)
+        if sharded_optimizer is not None and sharded_optimizer != placement.sharded_optimizer:
+            raise ValueError(
+                f"sharded_optimizer={sharded_optimizer} but the run layout's data sharding is "
+                f"{ctx.layout.data_sharding}: leave it unset"
+            )
+        return placement
 
     @classmethod
     def of_run(cls, layout: RunLayout, rank: int) -> Placement:

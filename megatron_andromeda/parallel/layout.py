@@ -332,7 +332,8 @@ def check_data_sharding(parallel: ParallelConfig, dp: int, fp8: str = "none") ->
     `full` shards each pipeline stage (each model chunk) on its own, over the data group of its
     pipeline rank, and runs under every schedule (GPipe, 1F1B, interleaved; tests/test_fully_sharded.py
     holds each equal to one process). `parallel.data_replicas` (HSDP) needs `full` and must split the
-    data group into groups of at least two ranks. Transformer Engine's FP8 is refused with it.
+    data group into groups of at least two ranks. Transformer Engine's FP8 is refused with it (not
+    built: FP8 modules keep per-weight scaling state that this path neither shards nor tests).
     """
     mode, replicas = parallel.sharding, parallel.data_replicas
     if replicas > 1 and mode != "full":
@@ -350,8 +351,8 @@ def check_data_sharding(parallel: ParallelConfig, dp: int, fp8: str = "none") ->
         return mode if dp > 1 else "none"
     if fp8 != "none":
         raise ConfigError(
-            f"backend.fp8={fp8} with parallel.data_sharding=full is not supported (Transformer Engine's FP8 "
-            "weight caches are not sharded by FSDP2): set backend.fp8=none or "
+            f"backend.fp8={fp8} with parallel.data_sharding=full is not supported (full sharding is not "
+            "built for Transformer Engine's FP8 weight state): set backend.fp8=none or "
             "parallel.data_sharding=optimizer"
         )
     return mode
@@ -379,13 +380,12 @@ def plan_layout(cfg: RunConfig, world_size: int) -> RunLayout:
     spans = split_layers(cfg.model.num_layers, ranks.pp, pc.virtual_stages, pc.layers_per_stage)
     num_microbatches = check_batch(tc.global_batch_size, tc.micro_batch_size, ranks.dp)
     check_schedule(ranks.pp, pc.virtual_stages, pc.schedule, num_microbatches)
-    schedule = schedule_name(ranks.pp, pc.virtual_stages, pc.schedule)
     sharding = check_data_sharding(pc, ranks.dp, cfg.backend.fp8)
     return RunLayout(
         ranks.tp, ranks.pp, ranks.dp,
         sequence_parallel=pc.sequence_parallel,
         stage_spans=tuple(spans),
-        schedule=schedule,
+        schedule=schedule_name(ranks.pp, pc.virtual_stages, pc.schedule),
         micro_batch_size=tc.micro_batch_size,
         global_batch_size=tc.global_batch_size,
         data_sharding=sharding,
