@@ -13,7 +13,8 @@ a data-parallel run holds that much.
 Columns: `expected` is replicated / d; `ratio` is replicated / measured (ideally d). The padding that
 makes every bucket split into d equal slices is not optimizer state; it only makes the ranks' shares
 differ by up to 64 x d elements per bucket. The fp32 gradient buffer (4 bytes per parameter on every
-rank: ZeRO-1 does not shard gradients) is not counted.
+rank: ZeRO-1 does not shard gradients) is not counted. Full sharding (FSDP2), which shards the
+weights and gradients too: benchmarks/bench_data_sharding.py.
 """
 
 from __future__ import annotations
@@ -27,11 +28,13 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
+from megatron_andromeda.builder import build_model
 from megatron_andromeda.config import RunConfig, load_config
-from megatron_andromeda.models import GPTModel, language_model_loss
-from megatron_andromeda.parallel import ParallelContext, RankLayout
+from megatron_andromeda.models import language_model_loss
+from megatron_andromeda.parallel import ParallelContext, plan_layout
 from megatron_andromeda.parallel.hooks import build_parallel_training
 from megatron_andromeda.parallel.testing import run_distributed
+from megatron_andromeda.training.optim import parameter_groups
 
 MIB = 2**20
 
@@ -73,11 +76,11 @@ def measure(args: argparse.Namespace, degree: int, sharded: bool) -> dict[str, i
     """One step on this rank; the bytes of its optimizer state (call on every rank of the degree)."""
     torch.set_num_threads(1)
     cfg = run_config(args, degree, sharded)
-    ctx = (
-        ParallelContext.build(RankLayout(1, 1, degree)) if dist.is_initialized() else ParallelContext.single()
-    )
-    model = GPTModel(cfg.model, init_seed=0)
-    parallel = build_parallel_training(ctx, model, cfg, bucket_numel=args.bucket)
+    layout = plan_layout(cfg, degree)
+    ctx = ParallelContext.build(layout) if dist.is_initialized() else ParallelContext.single(layout=layout)
+    model = build_model(cfg, ctx)  # parameters in the run's precision, as the trainer has them
+    groups = parameter_groups(model, cfg.optim)
+    parallel = build_parallel_training(ctx, model, cfg, groups, bucket_numel=args.bucket)
     tokens = torch.randint(0, args.vocab, (1, 33), generator=torch.Generator().manual_seed(ctx.dp_rank))
     parallel.optimizer.zero_grad()
     loss, _ = language_model_loss(model(tokens[:, :-1]), tokens[:, 1:])

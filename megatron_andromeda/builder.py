@@ -14,7 +14,11 @@ one sees what the ones before it made:
 4. **recomputation** (`parallel.recompute.apply_recompute`): wraps the modules as they are now,
    so a recomputed attention core is the flash core, a recomputed block holds the TE linears;
 5. **compile** (`kernels.compile_blocks`): compiles each block as it is now, recomputation included;
-6. **precision**: parameters cast to `train.precision` (the optimizer keeps fp32 master copies).
+6. **precision**: parameters cast to `train.precision` (the optimizer keeps fp32 master copies);
+   with `parallel.data_sharding=full`, FSDP2 instead (`parallel.fully_sharded.shard_model`): each
+   block and then the stage become units whose fp32 parameters are sharded over the data group and
+   gathered in `train.precision` for compute; it wraps the blocks as compile and recomputation
+   left them.
 
 The last stage's copy of a tied embedding is then synchronised from the first stage. Parameter
 names never change, so checkpoints, resharding and optimizer groups see the same keys on every
@@ -29,6 +33,7 @@ from megatron_andromeda.config import RunConfig
 from megatron_andromeda.kernels import BackendChoice, apply_kernels, compile_blocks, fused_cross_entropy
 from megatron_andromeda.models.gpt import GPTModel
 from megatron_andromeda.parallel.context import ParallelContext
+from megatron_andromeda.parallel.fully_sharded import shard_model
 from megatron_andromeda.parallel.hooks import run_layout
 from megatron_andromeda.parallel.loss import LossFn, make_loss_fn
 from megatron_andromeda.parallel.mixed_precision import cast_parameters, precision_dtype
@@ -62,7 +67,10 @@ def build_model(
         apply_recompute(chunk, cfg.parallel.recompute, ctx.rng)  # 4. recomputation
         if kernels.compile:
             compile_blocks(chunk, compile_backend)  # 5. compile
-        cast_parameters(chunk, dtype)  # 6. precision
+        if layout.fully_sharded:
+            shard_model(chunk, ctx, dtype)  # 6. precision by FSDP2, which shards the parameters
+        else:
+            cast_parameters(chunk, dtype)  # 6. precision
         chunks.append(chunk)
     model = chunks[0] if len(chunks) == 1 else nn.ModuleList(chunks)
     sync_tied_embedding_weights(model, ctx)

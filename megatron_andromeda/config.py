@@ -46,7 +46,20 @@ class ParallelConfig:
     layers_per_stage: list[int] | None = option(
         None, "explicit layer counts, one per (virtual) stage in stage order; default balanced"
     )
-    distributed_optimizer: bool = option(False, "ZeRO-1: shard the optimizer state over the data group")
+    data_sharding: str = option(
+        "none", "what the data group shards: none (replicated), optimizer (ZeRO-1: AdamW states and fp32 "
+        "masters), full (FSDP2: parameters, gradients and optimizer states)",
+        choices=("none", "optimizer", "full"),
+    )  # fmt: skip
+    distributed_optimizer: bool = option(False, "the old name of data_sharding=optimizer (ZeRO-1)")
+    data_replicas: int = option(
+        1, "data_sharding=full: replicate over this many groups of data ranks and shard within each "
+        "(HSDP); 1 shards over the whole data group", min=1,
+    )  # fmt: skip
+    reshard_after_forward: bool = option(
+        True, "data_sharding=full: free each block's gathered weights after its forward and gather them "
+        "again in the backward (false: keep them, more memory, one all-gather less per micro-batch)",
+    )  # fmt: skip
     recompute: str = option("none", "activation recomputation: none, full (whole block), selective "
                             "(attention core)", choices=("none", "full", "selective"))  # fmt: skip
     comm_timeout_s: float = option(600.0, "seconds a collective may wait before the run fails", above=0.0)
@@ -57,6 +70,16 @@ class ParallelConfig:
         check_fields(self, "parallel")
         if self.sequence_parallel and self.tensor == 1:
             raise ConfigError("parallel.sequence_parallel needs parallel.tensor > 1")
+        if self.distributed_optimizer and self.data_sharding == "full":
+            raise ConfigError(
+                "parallel.distributed_optimizer=true (the old name of parallel.data_sharding=optimizer) "
+                "contradicts parallel.data_sharding=full: remove parallel.distributed_optimizer"
+            )
+
+    @property
+    def sharding(self) -> str:
+        """The data sharding asked for: `data_sharding`, with the old `distributed_optimizer` as an alias."""
+        return "optimizer" if self.distributed_optimizer else self.data_sharding
 
 
 @dataclass

@@ -1,11 +1,12 @@
 """Per-GPU memory and step-time estimates for a parallel layout, and layout recommendations.
 
 Memory per GPU is the model state of the most loaded rank (weights, gradients, AdamW states, the
-latter sharded over the data group by the distributed optimizer) plus the activations that rank
-keeps for its micro-batches in flight. Activations follow the method of Korthikanti et al. 2022
-("Reducing Activation Recomputation in Large Transformer Models", section 4): list every tensor
-that autograd saves in one layer's forward and add up their bytes. Applied to our block, the
-differences from their GPT layer (34 s b h + 5 a s^2 b bytes) are:
+latter sharded over the data group by the distributed optimizer, all three by full sharding: see
+`fully_sharded_state`) plus the activations that rank keeps for its micro-batches in flight.
+Activations follow the method of Korthikanti et al. 2022 ("Reducing Activation Recomputation in
+Large Transformer Models", section 4): list every tensor that autograd saves in one layer's forward
+and add up their bytes. Applied to our block, the differences from their GPT layer
+(34 s b h + 5 a s^2 b bytes) are:
 
 - no s^2 term: SDPA's flash / memory-efficient kernels and flash-attn keep only a (b, heads, s)
   log-sum-exp, never the score matrix;
@@ -31,8 +32,10 @@ Step time is a roofline sum: matmul FLOPs at a fraction of peak plus a fixed lau
 and micro-batch, ring all-reduce volumes over the link each group spans (tensor groups within a
 node), the pipeline bubble, and what the data-parallel gradient reduction cannot hide behind the
 last micro-batch's backward (parallel/data_parallel.py reduces buckets as they fill), plus the
-distributed optimizer's all-gather of the updated weights. It ranks layouts; it does not replace a measurement
-(benchmarks/gpu_throughput.py gives the efficiency to feed back in).
+distributed optimizer's all-gather of the updated weights; under full sharding, what FSDP2's
+per-micro-batch gathers and reduce-scatters add beyond the compute they overlap with. It ranks
+layouts; it does not replace a measurement (benchmarks/gpu_throughput.py gives the efficiency to
+feed back in).
 """
 
 from __future__ import annotations
@@ -41,10 +44,11 @@ import itertools
 import math
 from dataclasses import asdict, dataclass
 
-from megatron_andromeda.config import ConfigError, ModelConfig
+from megatron_andromeda.config import ConfigError, ModelConfig, ParallelConfig
 from megatron_andromeda.models.accounting import training_flops_per_token
 from megatron_andromeda.parallel.layout import (
     check_batch,
+    check_data_sharding,
     check_schedule,
     check_sequence_parallel,
     check_tensor_parallel,
@@ -65,9 +69,13 @@ LINKS = {
     "eth-100g": 12.5,
 }
 RECOMPUTE = ("none", "selective", "full")
+SHARDINGS = ("none", "optimizer", "full")  # parallel.data_sharding
 # Eager PyTorch launches ~25 kernels per layer forward and ~50 backward, a few microseconds each:
 # a fixed cost per layer and micro-batch that makes tiny pipeline stages and micro-batches slow.
 LAYER_OVERHEAD_S = 2e-4
+# Full sharding adds FSDP2's hooks (before and after each unit's forward and backward: buffer copies,
+# casts, collective launches) per layer and micro-batch; an estimate of the same kind as the above.
+FSDP_UNIT_OVERHEAD_S = 1e-4
 
 
 @dataclass(frozen=True)
@@ -95,10 +103,21 @@ class Layout:
     distributed_optimizer: bool = False
     recompute: str = "none"
     virtual_stages: int = 1
+    full_sharding: bool = False  # FSDP2: parameters, gradients and optimizer state sharded (data > 1)
+    data_replicas: int = 1  # full sharding: HSDP replicas (shard within data / data_replicas ranks)
 
     @property
     def world_size(self) -> int:
         return self.tensor * self.pipeline * self.data
+
+    @property
+    def sharding(self) -> str:
+        """parallel.data_sharding: none, optimizer (ZeRO-1) or full (FSDP2)."""
+        return "full" if self.full_sharding else "optimizer" if self.distributed_optimizer else "none"
+
+    @property
+    def data_shards(self) -> int:
+        return self.data // self.data_replicas
 
     def overrides(self) -> list[str]:
         """The command-line overrides that select this layout."""
@@ -107,7 +126,9 @@ class Layout:
             f"parallel.pipeline={self.pipeline}",
             f"parallel.data={self.data}",
             f"parallel.sequence_parallel={str(self.sequence_parallel).lower()}",
-            f"parallel.distributed_optimizer={str(self.distributed_optimizer).lower()}",
+            "parallel.distributed_optimizer=false",  # (its old alias, which a config file may set)
+            f"parallel.data_sharding={self.sharding}",
+            *([f"parallel.data_replicas={self.data_replicas}"] if self.data_replicas > 1 else []),
             f"parallel.recompute={self.recompute}",
             f"train.micro_batch_size={self.micro_batch_size}",
         ]
@@ -181,12 +202,17 @@ def layer_matrix_parameters(cfg: ModelConfig, tp: int = 1) -> int:
     return attn + mlp
 
 
+def layer_parameters(cfg: ModelConfig, tp: int = 1) -> int:
+    """Weights of one layer (matrices and norms) on one tensor rank: one FSDP2 unit."""
+    norms = cfg.hidden_size if cfg.block == "parallel" else 2 * cfg.hidden_size
+    return layer_matrix_parameters(cfg, tp) + norms
+
+
 def stage_parameters(cfg: ModelConfig, layout: Layout) -> int:
     """Parameters on the most loaded rank: the first or the last pipeline stage."""
     tp, pp = layout.tensor, layout.pipeline
     d, vocab = cfg.hidden_size, cfg.vocab_size // tp
-    norms = d if cfg.block == "parallel" else 2 * d
-    layers = math.ceil(cfg.num_layers / pp) * (layer_matrix_parameters(cfg, tp) + norms)
+    layers = math.ceil(cfg.num_layers / pp) * layer_parameters(cfg, tp)
     embedding = vocab * d
     # A tied head needs its own copy of the embedding when the last stage is another process.
     head = 0 if (cfg.tie_embeddings and pp == 1) else vocab * d
@@ -278,6 +304,9 @@ def memory_estimate(
     params = stage_parameters(cfg, layout)
     shard = layout.data if layout.distributed_optimizer else 1
     optimizer = math.ceil(params / shard) * (precision.optimizer + precision.master)
+    weights, gradients = params * precision.weights, params * precision.gradients
+    if layout.full_sharding:
+        weights, gradients, optimizer = fully_sharded_state(cfg, layout, precision)
     b, s = layout.micro_batch_size, seq_length
     num_micro = global_batch // (layout.micro_batch_size * layout.data)
     layers = math.ceil(cfg.num_layers / layout.pipeline)
@@ -292,12 +321,35 @@ def memory_estimate(
     if layout.recompute == "full":  # one layer's activations are rebuilt at a time during backward
         transient += layer_activation_bytes(cfg, s, b, _no_recompute(layout), precision)
     return MemoryEstimate(
-        weights=params * precision.weights,
-        gradients=params * precision.gradients,
+        weights=weights,
+        gradients=gradients,
         optimizer=optimizer,
         activations=activations,
         transient=transient,
     )
+
+
+FP32 = 4
+
+
+def fully_sharded_state(cfg: ModelConfig, layout: Layout, precision: Precision) -> tuple[int, int, int]:
+    """(weights, gradients, optimizer) bytes under full sharding (parallel/fully_sharded.py).
+
+    Persistent: this rank's fp32 shard of every parameter (the master weight), of its gradient and
+    of the two Adam moments, over data / data_replicas ranks. Gathered while a micro-batch runs, in
+    the run's precision: the stage's own unit (embedding, final norm, head) for the whole forward and
+    backward, and two blocks (the running one and the one FSDP2 prefetches); in the backward one
+    unit's unsharded gradients, in the run's precision and as the fp32 reduce-scatter input.
+    """
+    params = stage_parameters(cfg, layout)
+    shard = math.ceil(params / layout.data_shards)
+    block = layer_parameters(cfg, layout.tensor)
+    layers = math.ceil(cfg.num_layers / layout.pipeline)
+    ends = params - layers * block
+    gathered = ends + min(layers, 2) * block
+    weights = shard * FP32 + gathered * precision.weights
+    gradients = shard * precision.gradients + max(ends, block) * (precision.weights + FP32)
+    return weights, gradients, shard * precision.optimizer
 
 
 def _no_recompute(layout: Layout) -> Layout:
@@ -361,6 +413,9 @@ def step_time(
     # A data group that spans nodes has gpn / t members per node; NCCL's rings use all their NICs.
     dp_link = intra if t * dp <= gpn else min(intra, inter * max(1, gpn // t))
     params = stage_parameters(cfg, layout)
+    if layout.full_sharding:
+        data_comm = _fully_sharded_seconds(cfg, layout, cluster, precision, params, compute / num_micro)
+        return StepTime(compute, tensor_comm, pipeline_comm, bubble, num_micro * data_comm)
     if layout.distributed_optimizer:  # reduce-scatter the gradients, all-gather the updated weights
         reduce = _ring_seconds(params * precision.gradients, dp, dp_link, all_reduce=False)
         gather = _ring_seconds(params * precision.weights, dp, dp_link, all_reduce=False)
@@ -369,6 +424,31 @@ def step_time(
     # Buckets are reduced while the last micro-batch's backward (2/3 of its compute) still runs.
     data_comm = max(0.0, reduce - 2 / 3 * compute / num_micro) + gather
     return StepTime(compute, tensor_comm, pipeline_comm, bubble, data_comm)
+
+
+def _fully_sharded_seconds(
+    cfg: ModelConfig, layout: Layout, cluster: Cluster, precision: Precision, params: int, compute: float
+) -> float:
+    """Exposed data-parallel seconds of one micro-batch under full sharding (FSDP2).
+
+    Every micro-batch gathers the weights for the forward and again for the backward (they are
+    resharded after the forward) and reduce-scatters the gradients in fp32; with HSDP the shards are
+    then all-reduced across the replicas. FSDP2 prefetches the next unit while one computes, so only
+    what exceeds the micro-batch's compute shows, plus the first unit's gather and the hooks' cost.
+    """
+    t, gpn, shards = layout.tensor, cluster.gpus_per_node, layout.data_shards
+    link = (
+        cluster.intra_gbs
+        if t * shards <= gpn
+        else min(cluster.intra_gbs, cluster.inter_gbs * max(1, gpn // t))
+    )
+    gather = _ring_seconds(params * precision.weights, shards, link, all_reduce=False)
+    scatter = _ring_seconds(params * FP32, shards, link, all_reduce=False)
+    across = cluster.inter_gbs if layout.world_size > gpn else cluster.intra_gbs
+    replicate = _ring_seconds(math.ceil(params / shards) * FP32, layout.data_replicas, across)
+    traffic = 2 * gather + scatter + replicate
+    layers = math.ceil(cfg.num_layers / layout.pipeline)
+    return max(0.0, traffic - compute) + gather / layers + layers * FSDP_UNIT_OVERHEAD_S
 
 
 # --------------------------------------------------------------------------------------------- search
@@ -390,23 +470,39 @@ def layout_problem(cfg: ModelConfig, layout: Layout, global_batch: int, seq_leng
         micro_batches = check_batch(global_batch, layout.micro_batch_size, layout.data)
         check_schedule(layout.pipeline, layout.virtual_stages, "1f1b", micro_batches)
         check_sequence_parallel(layout.sequence_parallel, layout.tensor, seq_length)
+        sharding = ParallelConfig(data_sharding=layout.sharding, data_replicas=layout.data_replicas)
+        check_data_sharding(sharding, layout.data)
     except ConfigError as err:
         return str(err)
     return None
 
 
 def candidate_layouts(cfg: ModelConfig, cluster: Cluster, global_batch: int, seq_length: int) -> list[Layout]:
-    """Every valid layout: tensor within a node, sequence parallel with tensor > 1, ZeRO-1 with dp > 1."""
+    """Every valid layout: tensor within a node, sequence parallel with tensor > 1, and with dp > 1 the
+    data group sharding the optimizer (ZeRO-1) or everything (full; HSDP with one replica per node
+    when the data group spans nodes)."""
     world, found = cluster.world_size, []
     tensors = [t for t in (1, 2, 4, 8, 16) if t <= cluster.gpus_per_node and world % t == 0]
     for t in tensors:
         for pp in (p for p in range(1, world // t + 1) if (world // t) % p == 0):
             dp = world // (t * pp)
-            for mbs, recompute in itertools.product((1, 2, 4, 8, 16, 32), RECOMPUTE):
-                layout = Layout(t, pp, dp, mbs, t > 1, dp > 1, recompute)
+            for mbs, recompute, sharding in itertools.product(
+                (1, 2, 4, 8, 16, 32), RECOMPUTE, _shardings(dp, t, cluster.gpus_per_node)
+            ):
+                layout = Layout(t, pp, dp, mbs, t > 1, recompute=recompute, **sharding)
                 if layout_problem(cfg, layout, global_batch, seq_length) is None:
                     found.append(layout)
     return found
+
+
+def _shardings(dp: int, tensor: int, gpus_per_node: int) -> list[dict]:
+    if dp == 1:
+        return [{}]
+    out = [{"distributed_optimizer": True}, {"full_sharding": True}]
+    per_node = max(1, gpus_per_node // tensor)  # data ranks of one pipeline stage within a node
+    if dp > per_node >= 2 and dp % per_node == 0:
+        out.append({"full_sharding": True, "data_replicas": dp // per_node})
+    return out
 
 
 def evaluate(
@@ -476,6 +572,7 @@ def recommend(
             round(p.time.total, 4),
             lay.tensor * lay.pipeline,
             RECOMPUTE.index(lay.recompute),
+            SHARDINGS.index(lay.sharding),  # the same time: the one with less traffic
             -lay.micro_batch_size,
         )
 
@@ -484,7 +581,7 @@ def recommend(
 
 def format_plans(plans: list[Plan]) -> str:
     header = (
-        f"{'tp':>3} {'pp':>3} {'dp':>4} {'mbs':>4} {'sp':>3} {'zero1':>5} {'recompute':>9} "
+        f"{'tp':>3} {'pp':>3} {'dp':>4} {'mbs':>4} {'sp':>3} {'sharding':>8} {'recompute':>9} "
         f"{'mem GiB':>8} {'act GiB':>8} {'step s':>7} {'tok/s/GPU':>10} {'MFU':>6}"
     )
     rows = [header]
@@ -492,8 +589,13 @@ def format_plans(plans: list[Plan]) -> str:
         lay = p.layout
         rows.append(
             f"{lay.tensor:>3} {lay.pipeline:>3} {lay.data:>4} {lay.micro_batch_size:>4} "
-            f"{'y' if lay.sequence_parallel else 'n':>3} {'y' if lay.distributed_optimizer else 'n':>5} "
+            f"{'y' if lay.sequence_parallel else 'n':>3} {_sharding_label(lay):>8} "
             f"{lay.recompute:>9} {p.memory.total / GIB:>8.1f} {p.memory.activations / GIB:>8.1f} "
             f"{p.time.total:>7.3f} {p.tokens_per_s_per_gpu:>10,.0f} {100 * p.mfu:>5.1f}%"
         )
     return "\n".join(rows)
+
+
+def _sharding_label(layout: Layout) -> str:
+    label = {"none": "-", "optimizer": "zero1", "full": "full"}[layout.sharding]
+    return f"hsdp{layout.data_replicas}" if layout.data_replicas > 1 else label

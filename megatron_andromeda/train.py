@@ -36,6 +36,7 @@ from megatron_andromeda.kernels import BackendChoice, fp8_context, select_backen
 from megatron_andromeda.parallel import ParallelContext, init_parallel, plan_layout
 from megatron_andromeda.parallel.context import world_size_from_env
 from megatron_andromeda.parallel.data_parallel import DEFAULT_BUCKET_NUMEL
+from megatron_andromeda.parallel.fully_sharded import local_shard
 from megatron_andromeda.parallel.hooks import ParallelHooks, build_parallel_training
 from megatron_andromeda.parallel.mixed_precision import precision_dtype
 from megatron_andromeda.parallel.pipeline import build_pipeline_schedule, sync_tied_embedding_weights
@@ -141,7 +142,7 @@ def run_stage(
         trainer.logger.print(f"kernels: {parts.kernels.describe()}")
         resume_from = cfg.checkpoint.load_dir or cfg.checkpoint.save_dir
         if not (resume_from and trainer.resume(resume_from)):
-            total = sum(p.numel() for p in parts.model.parameters())
+            total = sum(local_shard(p)[0].numel() for p in parts.model.parameters())  # (FSDP2: its shard)
             trainer.logger.print(f"model {cfg.model.name}: {total:,} parameters on this rank"
                                  + (f", {parts.frozen:,} frozen" if parts.frozen else ""))  # fmt: skip
         state = trainer.fit()

@@ -1,18 +1,25 @@
 """The one model builder: its transforms run in the documented order and each sees the earlier ones.
 
-TP -> kernels -> recomputation -> compile -> precision. For every pair that can meet, a test checks
-that the later transform acts on what the earlier one made: recomputation replays the flash kernel
-and the TE linears (not the modules they replaced), the fused norms keep tensor parallelism's hooks,
-compile keeps the recomputation, the precision cast reaches the swapped-in modules. (TE modules
-holding tensor parallelism's shards, at tensor 2, are checked in test_te_layers.py.) The kernels
-are the recording fakes of fake_kernels.py.
+TP -> kernels -> recomputation -> compile -> precision (or FSDP2 sharding). For every pair that can
+meet, a test checks that the later transform acts on what the earlier one made: recomputation
+replays the flash kernel and the TE linears (not the modules they replaced), the fused norms keep
+tensor parallelism's hooks, compile keeps the recomputation, the precision cast reaches the
+swapped-in modules, and full sharding wraps the compiled, recomputed blocks and gathers the
+swapped-in modules' weights in the run's precision. (TE modules holding tensor parallelism's
+shards, at tensor 2, are checked in test_te_layers.py.) The kernels are the recording fakes of
+fake_kernels.py.
 """
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 import torch
+import torch.distributed as dist
 from torch import nn
+from torch.distributed.fsdp import FSDPModule
+from torch.distributed.tensor import DTensor
 
 from megatron_andromeda.builder import build_model
 from megatron_andromeda.config import RunConfig, load_config
@@ -170,3 +177,57 @@ def test_precision_reaches_the_swapped_in_modules(fake_te, fake_flash, fuse_norm
     )  # tables stay (and the fused LayerNorm's zero bias, which TE casts as it reads it)
     model(tokens())  # bf16 parameters and activations: TE's dtype check passes
     assert {c["dtype"] for c in fake_te["calls"]} == {torch.bfloat16}
+
+
+@pytest.fixture
+def one_rank_group():
+    """A real (gloo) process group of one rank, so that FSDP2 shards over a data mesh of one."""
+    dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
+    try:
+        yield
+    finally:
+        dist.destroy_process_group()
+
+
+def sharded_context(cfg: RunConfig) -> ParallelContext:
+    # plan_layout leaves one data rank unsharded; the builder is given full sharding regardless
+    return ParallelContext.build(
+        dataclasses.replace(plan_layout(cfg, 1), data_sharding="full"), seed=cfg.train.seed
+    )
+
+
+def test_sharding_wraps_the_blocks_that_recomputation_and_compile_made(one_rank_group):
+    x = tokens(4, 16)
+    cfg = run_config("parallel.recompute=full")
+    plain = build_model(cfg, single(cfg), BackendChoice(compile=True), compile_backend="eager")
+    sharded = build_model(cfg, sharded_context(cfg), BackendChoice(compile=True), compile_backend="eager")
+    blocks = list(sharded.layers.values())
+    assert isinstance(sharded, FSDPModule) and all(isinstance(b, FSDPModule) for b in blocks)
+    assert all(b._compiled_call_impl is not None and b.recompute == "full" for b in blocks)
+    assert all(isinstance(p, DTensor) for p in sharded.parameters())
+    no_recompute = build_model(
+        run_config(), single(cfg), BackendChoice(compile=True), compile_backend="eager"
+    )
+    # FSDP2's unit boundaries save nothing of their own: the recomputed blocks keep only their inputs
+    assert saved_bytes(sharded, x) == saved_bytes(plain, x) < 0.5 * saved_bytes(no_recompute, x)
+    for model in (plain, sharded):
+        model.zero_grad()
+        model(x).logsumexp(-1).mean().backward()
+    torch.testing.assert_close(sharded(x), plain(x), rtol=1e-6, atol=1e-6)
+    for (name, p), q in zip(sharded.named_parameters(), plain.parameters()):
+        torch.testing.assert_close(p.grad.full_tensor(), q.grad, rtol=1e-5, atol=1e-7, msg=name)
+
+
+def test_sharding_keeps_fp32_masters_and_computes_in_the_run_precision(one_rank_group, fake_te):
+    cfg = run_config("train.precision=bf16")
+    model = build_model(cfg, sharded_context(cfg), BackendChoice(linear="te"))
+    assert {p.dtype for p in model.parameters()} == {torch.float32}  # the shards are the masters
+    seen = []
+    for m in model.modules():
+        if type(m).__module__ == "fake_kernels":
+            m.register_forward_pre_hook(lambda mod, args: seen.append(mod.weight.dtype))
+    forward_backward(model, tokens(), autocast=True)
+    assert seen and set(seen) == {torch.bfloat16}  # gathered in bf16 into the swapped-in TE linears
+    reference = GPTModel(cfg.model, init_seed=cfg.train.seed)
+    for (name, p), q in zip(model.named_parameters(), reference.parameters()):
+        assert torch.equal(p.full_tensor(), q.to(torch.bfloat16).float()), name  # the plain cast's weights

@@ -1,9 +1,10 @@
 """Data parallelism on gloo against the single-process trainer, plus the shared distributed harness.
 
-Spawning ranks costs seconds, so the distributed checks of this file, test_distributed_optimizer.py
-and test_mixed_precision.py all run in one spawn per world size (`distributed_results`, cached for
-the pytest session). Each file's `distributed_checks(ctx_world_size, root)` runs on every rank and
-returns plain results; the tests here compare them with single-process runs of the real Trainer.
+Spawning ranks costs seconds, so the distributed checks of this file, test_distributed_optimizer.py,
+test_mixed_precision.py and test_fully_sharded.py all run in one spawn per world size
+(`distributed_results`, cached for the pytest session). Each file's
+`distributed_checks(ctx_world_size, root)` runs on every rank and returns plain results; the tests
+here compare them with single-process runs of the real Trainer.
 Tolerances (fp32): losses and parameters rtol 1e-5 / atol 1e-6 after 10 steps (measured
 differences are ~1e-7; they come from the order of floating-point sums).
 """
@@ -89,11 +90,12 @@ def assert_params_close(actual: dict, expected: dict, rtol: float = RTOL, atol: 
 
 def _checks_on_rank(root: str) -> dict:
     import test_distributed_optimizer
+    import test_fully_sharded
     import test_mixed_precision
 
     world_size = torch.distributed.get_world_size()
     rank_root = Path(root) / f"rank{torch.distributed.get_rank()}"
-    modules = (sys.modules[__name__], test_distributed_optimizer, test_mixed_precision)
+    modules = (sys.modules[__name__], test_distributed_optimizer, test_mixed_precision, test_fully_sharded)
     return {m.__name__: m.distributed_checks(world_size, rank_root / m.__name__) for m in modules}
 
 

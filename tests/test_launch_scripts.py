@@ -20,14 +20,19 @@ import pytest
 from torch.distributed.run import get_args_parser
 
 from megatron_andromeda.config import load_config
-from megatron_andromeda.parallel import validate_layout
+from megatron_andromeda.parallel import plan_layout, validate_layout
 from megatron_andromeda.planner import Cluster, Layout, evaluate
 from megatron_andromeda.train import parse_args as train_parse_args
 
 ROOT = Path(__file__).resolve().parents[1]
 LAUNCH = ROOT / "examples" / "launch"
 SCRIPTS = sorted([*LAUNCH.glob("*.sh"), *LAUNCH.glob("*.sbatch"), ROOT / "benchmarks" / "gpu_check.sh"])
-SBATCH = {"100m": 256, "500m": 512, "1b": 1024}  # model -> the config's global batch
+SBATCH = {  # script -> the config's global batch
+    "slurm_andromeda_100m.sbatch": 256,
+    "slurm_andromeda_500m.sbatch": 512,
+    "slurm_andromeda_1b.sbatch": 1024,
+    "slurm_mpt_7b.sbatch": 1024,  # full sharding (FSDP2), HSDP across nodes
+}
 
 
 def run_script(script: Path, *args: str, **env: str) -> subprocess.CompletedProcess:
@@ -90,9 +95,9 @@ def test_multi_node_needs_the_rendezvous_host():
 
 
 @pytest.mark.parametrize("nodes", [1, 2, 4, 8, 16])
-@pytest.mark.parametrize("model", SBATCH)
-def test_sbatch_layouts_are_valid_and_fit(model, nodes):
-    script = LAUNCH / f"slurm_andromeda_{model}.sbatch"
+@pytest.mark.parametrize("name", SBATCH)
+def test_sbatch_layouts_are_valid_and_fit(name, nodes):
+    script = LAUNCH / name
     result = run_script(
         script,
         "train.steps=5",
@@ -106,9 +111,9 @@ def test_sbatch_layouts_are_valid_and_fit(model, nodes):
     assert (args.rdzv_endpoint, args.rdzv_id) == ("node001:29500", "123")
     assert train.overrides[-1] == "train.steps=5"  # the user's overrides come last and win
     run = load_config(train.config, train.overrides)
-    layout = validate_layout(run.parallel, run.model, nodes * 8, run.data.seq_length)
+    layout = plan_layout(run, nodes * 8)
     mbs = run.train.micro_batch_size
-    assert run.train.global_batch_size == SBATCH[model] and SBATCH[model] % (mbs * layout.dp) == 0
+    assert run.train.global_batch_size == SBATCH[name] and SBATCH[name] % (mbs * layout.dp) == 0
     plan = evaluate(
         run.model,
         Layout(
@@ -117,14 +122,19 @@ def test_sbatch_layouts_are_valid_and_fit(model, nodes):
             layout.dp,
             mbs,
             run.parallel.sequence_parallel,
-            run.parallel.distributed_optimizer,
+            layout.distributed_optimizer,
             run.parallel.recompute,
+            full_sharding=layout.fully_sharded,
+            data_replicas=layout.data_replicas,
         ),
         Cluster(nodes=nodes),
         seq_length=run.data.seq_length,
-        global_batch=SBATCH[model],
+        global_batch=SBATCH[name],
     )
     assert plan.fits, plan.memory.as_gib()
+    if name == "slurm_mpt_7b.sbatch":  # without full sharding the 7B model needs model parallelism
+        assert layout.fully_sharded and layout.tp == layout.pp == 1
+        assert layout.data_replicas == nodes  # HSDP: one replica per node, shards within a node
 
 
 def test_sbatch_without_a_layout_says_what_to_do():

@@ -44,6 +44,7 @@ from megatron_andromeda.planner import (
     Layout,
     Precision,
     evaluate,
+    fully_sharded_state,
     layer_activation_bytes,
     memory_estimate,
     recommend,
@@ -256,20 +257,70 @@ def test_recommendations_are_valid_and_sorted():
         validate_layout(parallel, cfg, 16, 2048)
 
 
-def test_small_gpus_need_model_parallelism():
+def test_small_gpus_need_full_sharding_or_model_parallelism():
     cfg, small = get_preset("andromeda-1b"), Cluster(memory_gib=12, peak_tflops=125)
-    pure_dp = evaluate(
-        cfg,
-        Layout(data=8, micro_batch_size=1, distributed_optimizer=True),
-        small,
-        seq_length=2048,
-        global_batch=1024,
-    )
-    assert not pure_dp.fits and pure_dp.memory.total > 12 * GIB * small.usable_fraction
-    best = recommend(cfg, small, seq_length=2048, global_batch=1024, top=1)[0]
+    common = dict(seq_length=2048, global_batch=1024)
+    zero1 = evaluate(cfg, Layout(data=8, micro_batch_size=1, distributed_optimizer=True), small, **common)
+    assert not zero1.fits and zero1.memory.total > 12 * GIB * small.usable_fraction
+    full = evaluate(cfg, Layout(data=8, micro_batch_size=1, full_sharding=True), small, **common)
+    assert full.fits  # FSDP2 also shards the bf16 weights and the fp32 gradients
+    best = recommend(cfg, small, top=1, **common)[0]
+    assert best.layout.sharding == "full" and best.layout.tensor * best.layout.pipeline == 1
+    tiny = Cluster(memory_gib=6, peak_tflops=125)  # the activations of one sequence no longer fit
+    best = recommend(cfg, tiny, top=1, **common)[0]
     assert best.layout.tensor * best.layout.pipeline > 1
     with pytest.raises(ConfigError, match="no layout of 8 GPUs x 2 GiB fits"):
-        recommend(cfg, Cluster(memory_gib=2), seq_length=2048, global_batch=1024)
+        recommend(cfg, Cluster(memory_gib=2), **common)
+
+
+def test_mpt_7b_on_one_node_of_80_gb_trains_with_full_sharding_and_no_model_parallelism():
+    cfg, node = get_preset("mpt-7b"), Cluster(nodes=1)
+    common = dict(seq_length=2048, global_batch=1024)
+    best = recommend(cfg, node, top=1, **common)[0]
+    assert best.layout.sharding == "full" and best.layout.tensor == best.layout.pipeline == 1
+    zero1 = evaluate(
+        cfg, dataclasses.replace(best.layout, full_sharding=False, distributed_optimizer=True), node, **common
+    )
+    assert not zero1.fits  # the same micro-batch under ZeRO-1: bf16 weights and fp32 gradients replicated
+    per_gpu = best.memory.weights + best.memory.gradients + best.memory.optimizer
+    assert per_gpu < 16 * 6.7e9 / 8 * 1.25  # ~16 bytes per parameter / 8, plus the gathered units
+    hsdp = recommend(cfg, Cluster(nodes=2), top=1, **common)[0].layout
+    assert hsdp.sharding == "full" and hsdp.data_replicas == 2  # shard within a node, replicate across
+
+
+@pytest.mark.parametrize(("dp", "rank", "precision"), [(4, 0, "bf16"), (4, 3, "fp32"), (3, 2, "bf16")])
+def test_full_sharding_state_equals_the_sharded_model(dp, rank, precision):
+    """fp32 shards of the weights, gradients and both Adam moments, plus the units FSDP2 gathers."""
+    cfg = ModelConfig(**{**BASE, "num_layers": 3})
+    run = RunConfig(
+        model=cfg,
+        parallel=ParallelConfig(data=dp, data_sharding="full"),
+        train=TrainConfig(precision=precision, micro_batch_size=1, global_batch_size=dp),
+    )
+    dist.init_process_group("fake", store=_fake_store(), rank=rank, world_size=dp)
+    try:
+        ctx = ParallelContext.build(plan_layout(run, dp))
+        model = build_model(run, ctx)
+        training = build_parallel_training(ctx, model, run, parameter_groups(model, run.optim))
+        training.optimizer.link_gradients()  # zero gradients: AdamW creates its moments
+        training.optimizer.step()
+        held = sum(f.stop - f.start for f in training.optimizer.fragments)  # this rank's elements
+        rows = sum(p.numel() // p.shape[0] for p in model.parameters())  # one row of each parameter
+        layout = Layout(data=dp, full_sharding=True)
+        precision_ = Precision.for_training(precision)
+        weights, gradients, optimizer = fully_sharded_state(cfg, layout, precision_)
+        block = sum(p.numel() for p in model.layers["0"].parameters())
+        ends = sum(p.numel() for p in model.parameters()) - cfg.num_layers * block
+        gathered = (ends + 2 * block) * precision_.weights
+        state = training.optimizer.state_bytes()
+        assert state["master"] == 0  # the fp32 shards are the masters
+        shard = optimizer // 8  # the estimate's elements per rank
+        assert abs(state["exp_avg"] + state["exp_avg_sq"] - optimizer) <= 8 * rows
+        assert abs(held - shard) <= rows  # chunks of whole rows: at most one row more or less each
+        assert weights - gathered == 4 * shard
+        assert gradients - 4 * shard == max(ends, block) * (precision_.weights + 4)
+    finally:
+        dist.destroy_process_group()
 
 
 # --------------------------------------------------------------------------------------------- the tool
@@ -288,6 +339,16 @@ def test_dry_run_of_64_ranks_builds_every_group():
     assert not dist.is_initialized()
     with pytest.raises(ConfigError, match="num_heads=16 is not divisible by parallel.tensor=3"):
         tool.dry_run(Layout(tensor=3, pipeline=1, data=1), get_preset("andromeda-1b"), 2048)
+
+
+def test_dry_run_of_hsdp_builds_shard_and_replica_groups_and_the_mesh():
+    tool = load_tool()
+    layout = Layout(tensor=2, pipeline=2, data=8, full_sharding=True, data_replicas=2)
+    groups = tool.dry_run(layout, get_preset("andromeda-1b"), 2048)
+    assert groups["dp_shard_group"] == (8, 4) and groups["dp_replicate_group"] == (16, 2)
+    assert not dist.is_initialized()
+    with pytest.raises(ConfigError, match="parallel.data_replicas=3"):
+        tool.dry_run(dataclasses.replace(layout, data_replicas=3), get_preset("andromeda-1b"), 2048)
 
 
 def test_cli_search_json_and_overrides(tmp_path, capsys):

@@ -223,15 +223,18 @@ def test_a_blend_of_chat_and_plain_data_batches_together(workspace, tmp_path):
     [
         ["parallel.tensor=2", "parallel.sequence_parallel=true"],
         ["parallel.data=2", "parallel.distributed_optimizer=true"],
+        ["parallel.data=2", "parallel.data_sharding=full", "checkpoint.save_interval=2"],
         ["parallel.pipeline=2", "parallel.recompute=full"],
     ],
-    ids=["tensor2-sp", "data2-zero1", "pipeline2-recompute"],
+    ids=["tensor2-sp", "data2-zero1", "data2-full", "pipeline2-recompute"],
 )
 def test_torchrun_layouts_match_one_process(workspace, tmp_path, layout):
     common = ["model.dropout=0.0", "train.steps=4", "train.eval_interval=2", "model.num_kv_heads=1"]
     single = tmp_path / "single"
     run(load_config(None, overrides(workspace, single, *common)))
     multi = tmp_path / "multi"
+    if any(o.startswith("checkpoint.") for o in layout):  # (the fully sharded run also saves)
+        layout = [*layout, f"checkpoint.save_dir={tmp_path / 'ckpt'}"]
     cmd = [
         sys.executable,
         "-m",
@@ -257,6 +260,11 @@ def test_torchrun_layouts_match_one_process(workspace, tmp_path, layout):
     np.testing.assert_allclose(train_losses(multi), train_losses(single), rtol=1e-5)
     np.testing.assert_allclose(valid_losses(multi), valid_losses(single), rtol=1e-5)
     assert len(valid_losses(single)) == 3  # steps 0, 2 and 4
+    if (tmp_path / "ckpt").exists():  # each data rank wrote its shard of the weights
+        meta = json.loads((tmp_path / "ckpt" / "step_00000004" / "metadata.json").read_text())
+        assert meta["layout"]["data_sharding"] == "full"
+        files = {piece["file"] for piece in meta["tensors"]["model/embedding.weight"]["pieces"]}
+        assert files == {"model-rank00000.safetensors", "model-rank00001.safetensors"}
 
 
 SCHEDULE_COMMON = ["model.dropout=0.0", "model.num_layers=4", "model.num_kv_heads=1", "train.steps=3",

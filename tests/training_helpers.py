@@ -50,7 +50,7 @@ def context_for(
     """
     world = dist.get_world_size() if dist.is_initialized() else 1
     layout = plan_layout(cfg, world)
-    if groups_of is not None:
+    if groups_of is not None and not layout.fully_sharded:  # (full sharding also needs its device mesh)
         return dataclasses.replace(groups_of, layout=layout)
     if world == 1:
         return ParallelContext.single(device, seed=cfg.train.seed, layout=layout)

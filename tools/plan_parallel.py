@@ -5,12 +5,15 @@
     python tools/plan_parallel.py --config examples/configs/andromeda_1b.yaml --nodes 8 --top 10
     python tools/plan_parallel.py --model andromeda-1b --nodes 8 --layout 2,4 --micro-batch 4 --dry-run
     python tools/plan_parallel.py --model andromeda-500m --nodes 4 --print-overrides   # for launch scripts
+    python tools/plan_parallel.py --model mpt-7b --layout 1,1 --sharding full --micro-batch 4 --dry-run
 
 Estimates (megatron_andromeda/planner.py documents the formulas) are per GPU: weights, gradients,
-AdamW states (sharded by the distributed optimizer), activations of the micro-batches in flight
-(with and without recomputation) and the step time. `--dry-run` validates the chosen layout with
-`parallel.validate_layout` and builds every process group of every rank with torch's fake
-backend (no processes, no network), checking each rank's groups against the layout tables.
+AdamW states (sharded by the distributed optimizer, or all three by full sharding: FSDP2, HSDP
+across nodes), activations of the micro-batches in flight (with and without recomputation) and the
+step time. The search tries every data sharding; `--layout` takes `--sharding` and `--data-replicas`.
+`--dry-run` validates the chosen layout with `parallel.validate_layout` and builds every process
+group of every rank with torch's fake backend (no processes, no network), checking each rank's
+groups (and, under full sharding, its device-mesh coordinates) against the layout tables.
 """
 
 from __future__ import annotations
@@ -38,8 +41,6 @@ from megatron_andromeda.planner import (
     recommend,
 )
 
-GROUPS = ("tp_group", "dp_group", "pp_group", "embedding_group", "mp_group", "stage_group")
-
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -63,13 +64,18 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--micro-batch", type=int, default=1, help="with --layout")
     p.add_argument("--recompute", choices=RECOMPUTE, default="none", help="with --layout")
     p.add_argument("--no-sequence-parallel", action="store_true", help="with --layout and TP > 1")
+    p.add_argument("--sharding", choices=("none", "optimizer", "full"), default="optimizer",
+                   help="with --layout and DP > 1: parallel.data_sharding (default: ZeRO-1)")  # fmt: skip
+    p.add_argument(
+        "--data-replicas", type=int, default=1, help="with --layout and --sharding full: HSDP replicas"
+    )
     p.add_argument("--dry-run", action="store_true", help="build every process group of the chosen layout")
     p.add_argument("--print-overrides", action="store_true", help="print the best layout's overrides only")
     p.add_argument("--json", metavar="PATH", help="also write the plans as JSON")
     args = p.parse_args(argv)
     if args.overrides and not args.config:
         p.error("key=value overrides need --config")
-    for name in ("nodes", "gpus_per_node", "top", "micro_batch"):
+    for name in ("nodes", "gpus_per_node", "top", "micro_batch", "data_replicas"):
         if getattr(args, name) < 1:
             p.error(f"--{name.replace('_', '-')} must be >= 1")
     return args
@@ -123,7 +129,11 @@ def explicit_layout(args: argparse.Namespace, world: int) -> Layout:
             f"--layout {args.layout}: {tp} x {pp} x {dp} != {world} GPUs (--nodes x --gpus-per-node)"
         )
     sp = tp > 1 and not args.no_sequence_parallel
-    return Layout(tp, pp, dp, args.micro_batch, sp, dp > 1, args.recompute)
+    sharding = args.sharding if dp > 1 else "none"
+    return Layout(
+        tp, pp, dp, args.micro_batch, sp, sharding == "optimizer", args.recompute,
+        full_sharding=sharding == "full", data_replicas=args.data_replicas,
+    )  # fmt: skip
 
 
 def dry_run(layout: Layout, model: ModelConfig, seq_length: int) -> dict[str, tuple[int, int]]:
@@ -137,16 +147,22 @@ def dry_run(layout: Layout, model: ModelConfig, seq_length: int) -> dict[str, tu
     from torch.testing._internal.distributed.fake_pg import FakeStore  # registers backend "fake"
 
     from megatron_andromeda.parallel import ParallelContext, validate_layout
+    from megatron_andromeda.parallel.layout import RunLayout, check_data_sharding
 
     parallel = ParallelConfig(
         tensor=layout.tensor,
         pipeline=layout.pipeline,
         data=layout.data,
         sequence_parallel=layout.sequence_parallel,
-        distributed_optimizer=layout.distributed_optimizer,
+        data_sharding=layout.sharding,
+        data_replicas=layout.data_replicas,
         recompute=layout.recompute,
     )
     ranks = validate_layout(parallel, model, layout.world_size, seq_length)
+    sharding = check_data_sharding(parallel, ranks.dp)
+    ranks = RunLayout(
+        ranks.tp, ranks.pp, ranks.dp, data_sharding=sharding, data_replicas=parallel.data_replicas
+    )
     tables = {
         "tp_group": ranks.tp_groups(),
         "dp_group": ranks.dp_groups(),
@@ -155,21 +171,37 @@ def dry_run(layout: Layout, model: ModelConfig, seq_length: int) -> dict[str, tu
         "mp_group": ranks.model_parallel_groups(),
         "stage_group": ranks.stage_groups(),
     }
+    if ranks.fully_sharded and ranks.data_replicas > 1:
+        tables.update(dp_shard_group=ranks.dp_shard_groups(), dp_replicate_group=ranks.dp_replicate_groups())
     if dist.is_initialized():
         raise RuntimeError("dry_run needs a process without a default process group")
     for rank in range(ranks.world_size):
         dist.init_process_group("fake", store=FakeStore(), rank=rank, world_size=ranks.world_size)
         try:
             ctx = ParallelContext.build(ranks)
-            for name in GROUPS:
+            for name in tables:
                 group = getattr(ctx, name)
                 got = None if group is None else dist.get_process_group_ranks(group)
                 want = next((g for g in tables[name] if rank in g), None)  # middle stages: no embedding group
                 if got != want:
                     raise RuntimeError(f"rank {rank}: {name} has ranks {got}, the layout says {want}")
+            _check_mesh(ctx, ranks, rank)
         finally:
             dist.destroy_process_group()
     return {name: (len(groups), len(groups[0])) for name, groups in tables.items()}
+
+
+def _check_mesh(ctx, ranks, rank: int) -> None:
+    """Full sharding: the device mesh's coordinates of `rank` are its layout coordinates."""
+    if ctx.mesh is None:
+        return
+    pp, dp, tp = ranks.coords(rank)
+    replica, shard = ranks.data_coords(rank)
+    want = [pp, replica, shard, tp] if ranks.data_replicas > 1 else [pp, dp, tp]
+    if list(ctx.mesh.get_coordinate()) != want:
+        raise RuntimeError(
+            f"rank {rank}: mesh coordinate {ctx.mesh.get_coordinate()}, the layout says {want}"
+        )
 
 
 def plans_json(plans: list[Plan]) -> list[dict]:

@@ -1,6 +1,7 @@
-# Sourced by the slurm_andromeda_*.sbatch scripts, which set CONFIG and define
-# `layout_for_nodes N` (printing "TENSOR PIPELINE MICRO_BATCH RECOMPUTE"). Picks the layout for
-# this job's node count and starts examples/launch/train_multi_node.sh once per node with srun.
+# Sourced by the slurm_*.sbatch scripts, which set CONFIG and define `layout_for_nodes N` (printing
+# "TENSOR PIPELINE MICRO_BATCH RECOMPUTE [DATA_SHARDING [DATA_REPLICAS]]"; the sharding defaults to
+# `optimizer`, ZeRO-1, when there is more than one data rank). Picks the layout for this job's node
+# count and starts examples/launch/train_multi_node.sh once per node with srun.
 #
 # PLAN_GPU=h100|h200|a100-80gb|a100-40gb asks tools/plan_parallel.py for the layout instead of the
 # script's table (other GPU types, node counts the table lacks). ANDROMEDA_DRY_RUN=1 prints the
@@ -17,16 +18,20 @@ if [[ -n "${PLAN_GPU:-}" ]]; then
         --gpus-per-node "$GPUS" --gpu "$PLAN_GPU" --print-overrides)
     [[ ${#LAYOUT[@]} -gt 0 ]] || { echo "tools/plan_parallel.py found no layout" >&2; exit 2; }
 else
-    if ! read -r TP PP MBS RECOMPUTE < <(layout_for_nodes "$NODES"); then
+    if ! read -r TP PP MBS RECOMPUTE SHARDING REPLICAS < <(layout_for_nodes "$NODES"); then
         echo "no layout for $NODES nodes in this script's table: use a node count it lists, or set" \
             "PLAN_GPU=h100 (or another GPU type) to have tools/plan_parallel.py choose one" >&2
         exit 2
     fi
     DP=$((WORLD / (TP * PP)))
     bool() { if [[ $1 -gt 1 ]]; then echo true; else echo false; fi; }
+    if [[ -z "${SHARDING:-}" ]]; then
+        if [[ $DP -gt 1 ]]; then SHARDING=optimizer; else SHARDING=none; fi
+    fi
     LAYOUT=(
         "parallel.tensor=$TP" "parallel.pipeline=$PP" "parallel.data=$DP"
-        "parallel.sequence_parallel=$(bool "$TP")" "parallel.distributed_optimizer=$(bool "$DP")"
+        "parallel.sequence_parallel=$(bool "$TP")" "parallel.distributed_optimizer=false"
+        "parallel.data_sharding=$SHARDING" "parallel.data_replicas=${REPLICAS:-1}"
         "parallel.recompute=$RECOMPUTE" "train.micro_batch_size=$MBS"
     )
 fi

@@ -56,6 +56,7 @@ from megatron_andromeda.checkpoint.storage import (
     resolve_checkpoint,
 )
 from megatron_andromeda.config import ModelConfig, RunConfig, config_from_dict
+from megatron_andromeda.parallel.fully_sharded import local_shard
 
 # Optimizer hyper-parameters restored from a checkpoint; implementation flags (foreach, fused...)
 # stay those of the optimizer being loaded into.
@@ -320,7 +321,8 @@ def load_model(reader: CheckpointReader, model: nn.Module, placement: Placement)
         master = f"optimizer/{name}/master_param"  # fp32 masters of a half-precision run are exact
         if param.dtype == torch.float32 and reader.has(master):
             tensor_id = master
-        param.copy_(reader.assemble(tensor_id, spec).view(param.shape))
+        flat, start = local_shard(param)  # (FSDP2: this rank's rows of the tensor-parallel shard)
+        flat.copy_(reader.assemble(tensor_id, spec).view(-1)[start : start + flat.numel()])
 
 
 # --------------------------------------------------------------------------------------------- optimizer

@@ -7,8 +7,10 @@ by the first stage only.
 
 Who writes what (every value exactly once):
 - model weights: data rank 0, and of tensor-replicated ranges the lowest tensor rank (slices.py);
+  under full sharding (FSDP2) every data rank of the first replica its rows of them, a fragment
+  like ZeRO-1's (its DTensor `Shard(0)` is rows [r0, r1) of the tensor-parallel shard);
 - optimizer state: likewise with a replicated optimizer; with the distributed optimizer (ZeRO-1)
-  every data rank writes its own fragments;
+  or full sharding every data rank (of the first replica) writes its own fragments;
 - RNG states: every rank, its own (they differ per rank).
 """
 
@@ -30,7 +32,8 @@ from megatron_andromeda.checkpoint.storage import CheckpointError
 from megatron_andromeda.config import ModelConfig, RunConfig
 from megatron_andromeda.models.gpt import GPTModel
 from megatron_andromeda.parallel.context import ParallelContext
-from megatron_andromeda.parallel.layout import RankLayout, validate_layout
+from megatron_andromeda.parallel.fully_sharded import local_shard
+from megatron_andromeda.parallel.layout import RankLayout, RunLayout, validate_layout
 
 _CHUNK_PREFIX = re.compile(r"^\d+\.")
 ADAM_TENSORS = ("exp_avg", "exp_avg_sq", "master_param")
@@ -38,11 +41,18 @@ ADAM_TENSORS = ("exp_avg", "exp_avg_sq", "master_param")
 
 @dataclass(frozen=True)
 class Placement:
-    """This rank's coordinates in the tensor x pipeline x data layout, and whether ZeRO-1 is on."""
+    """This rank's coordinates in the tensor x pipeline x data layout, and what its data group shards.
+
+    `sharded_optimizer`: every data rank holds (and writes) its own optimizer fragments (ZeRO-1 and
+    full sharding); `sharded_model`: its own fragments of the weights too (full sharding), of which
+    only the first of `data_replicas` replicas writes (HSDP: the others hold copies).
+    """
 
     layout: RankLayout = RankLayout(1, 1, 1)
     rank: int = 0
     sharded_optimizer: bool = False
+    sharded_model: bool = False
+    data_replicas: int = 1
 
     @classmethod
     def from_config(cls, cfg: RunConfig) -> Placement:
@@ -50,11 +60,32 @@ class Placement:
         world = dist.get_world_size() if dist.is_initialized() else 1
         layout = validate_layout(cfg.parallel, cfg.model, world)
         rank = dist.get_rank() if dist.is_initialized() else 0
-        return cls(layout, rank, cfg.parallel.distributed_optimizer and layout.dp > 1)
+        return cls.for_sharding(layout, rank, cfg.parallel.sharding, cfg.parallel.data_replicas)
 
     @classmethod
-    def from_context(cls, ctx: ParallelContext, sharded_optimizer: bool = False) -> Placement:
-        return cls(ctx.layout, ctx.rank, sharded_optimizer and ctx.dp_size > 1)
+    def from_context(cls, ctx: ParallelContext, sharded_optimizer: bool | None = None) -> Placement:
+        """ctx's place with its run layout's data sharding; a bare RankLayout shards the optimizer
+        (ZeRO-1) if `sharded_optimizer`. Contradicting the run layout is an error."""
+        if not isinstance(ctx.layout, RunLayout):
+            return cls(ctx.layout, ctx.rank, bool(sharded_optimizer) and ctx.dp_size > 1)
+        placement = cls.of_run(ctx.layout, ctx.rank)
+        if sharded_optimizer is not None and sharded_optimizer != placement.sharded_optimizer:
+            raise ValueError(
+                f"sharded_optimizer={sharded_optimizer} but the run layout's data sharding is "
+                f"{ctx.layout.data_sharding}: leave it unset"
+            )
+        return placement
+
+    @classmethod
+    def of_run(cls, layout: RunLayout, rank: int) -> Placement:
+        return cls.for_sharding(layout, rank, layout.data_sharding, layout.data_replicas)
+
+    @classmethod
+    def for_sharding(cls, layout: RankLayout, rank: int, mode: str, replicas: int = 1) -> Placement:
+        """`mode`: parallel.data_sharding (none, optimizer, full); nothing is sharded over one data rank."""
+        mode = mode if layout.dp > 1 else "none"
+        full = mode == "full"
+        return cls(layout, rank, mode != "none", full, replicas if full else 1)
 
     @property
     def world(self) -> int:
@@ -65,10 +96,27 @@ class Placement:
         """(pp_rank, dp_rank, tp_rank)."""
         return self.layout.coords(self.rank)
 
+    @property
+    def first_replica(self) -> bool:
+        """In the first data replica: always without HSDP."""
+        return self.coords[1] < self.layout.dp // self.data_replicas
+
+    @property
+    def writes_model(self) -> bool:
+        """Data rank 0 writes the weights; under full sharding every rank its shard (first replica)."""
+        return self.first_replica and (self.sharded_model or self.coords[1] == 0)
+
+    @property
+    def writes_optimizer(self) -> bool:
+        return self.first_replica and (self.sharded_optimizer or self.coords[1] == 0)
+
     def describe(self) -> dict[str, Any]:
         lay = self.layout
-        return {"tensor": lay.tp, "pipeline": lay.pp, "data": lay.dp, "world_size": lay.world_size,
-                "sharded_optimizer": self.sharded_optimizer}  # fmt: skip
+        out = {"tensor": lay.tp, "pipeline": lay.pp, "data": lay.dp, "world_size": lay.world_size,
+               "sharded_optimizer": self.sharded_optimizer}  # fmt: skip
+        if self.sharded_model:  # (absent otherwise: the layouts of earlier checkpoints stay comparable)
+            out.update(data_sharding="full", data_replicas=self.data_replicas)
+        return out
 
     def file_name(self, kind: str, ext: str = "safetensors") -> str:
         """`model.safetensors` for one process, `model-rank00003.safetensors` for rank 3 of several."""
@@ -116,7 +164,7 @@ def _spec(name: str, shape: tuple[int, ...], cfg: ModelConfig, placement: Placem
 
 def model_pieces(model: nn.Module, placement: Placement) -> Iterator[Piece]:
     """The pieces of the model's weights this rank owns (see the module docstring)."""
-    if placement.coords[1] != 0:
+    if not placement.writes_model:
         return
     cfg = model_config_of(model)
     shapes = global_shapes(cfg)
@@ -130,7 +178,8 @@ def model_pieces(model: nn.Module, placement: Placement) -> Iterator[Piece]:
             owned_ranges(name, shapes[name], cfg, tp_rank, tp),
         )
         _check_shape(name, param.shape, spec.local_shape(shapes[name]))
-        for box, data in global_pieces(param.detach().reshape(-1), 0, spec, shapes[name], owned):
+        flat, start = local_shard(param)  # all of it, or its FSDP2 rows [r0, r1) at r0 * row
+        for box, data in global_pieces(flat, start, spec, shapes[name], owned):
             yield Piece(f"model/{name}", shapes[name], box, data)
 
 
@@ -182,7 +231,7 @@ def optimizer_fragments(optimizer: Any, model: nn.Module) -> tuple[list[Fragment
 
 def optimizer_pieces(fragments: list[Fragment], model: nn.Module, placement: Placement) -> Iterator[Piece]:
     """The pieces of the optimizer state this rank owns."""
-    if placement.coords[1] != 0 and not placement.sharded_optimizer:
+    if not placement.writes_optimizer:
         return
     cfg = model_config_of(model)
     shapes = global_shapes(cfg)

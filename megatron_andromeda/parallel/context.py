@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING, TextIO
 
 import torch
 import torch.distributed as dist
+from torch.distributed.device_mesh import DeviceMesh
 
 from megatron_andromeda.errors import ConfigError
 from megatron_andromeda.parallel.layout import RankLayout, RunLayout, plan_layout
@@ -44,6 +45,11 @@ class ParallelContext:
     embedding_group: dist.ProcessGroup | None = None
     mp_group: dist.ProcessGroup | None = None
     stage_group: dist.ProcessGroup | None = None  # tensor x data ranks of this pipeline stage
+    # Full sharding with data replicas (HSDP) only: the two halves of this rank's data group.
+    dp_shard_group: dist.ProcessGroup | None = None
+    dp_replicate_group: dist.ProcessGroup | None = None
+    # Full sharding only: the world as a DeviceMesh over the groups above (see device_mesh()).
+    mesh: DeviceMesh | None = None
     rng: RNGTracker = field(default_factory=RNGTracker)
     # What close() stops before the groups go (e.g. the pipeline watchdog's thread), newest first.
     _on_close: list[Callable[[], None]] = field(default_factory=list, repr=False, compare=False)
@@ -77,20 +83,15 @@ class ParallelContext:
         timeout = timedelta(seconds=timeout_s) if timeout_s else None
         groups = {}
         # Every rank must call new_group for every group, in the same order.
-        for name, members in (
-            ("tp_group", layout.tp_groups()),
-            ("dp_group", layout.dp_groups()),
-            ("pp_group", layout.pp_groups()),
-            ("embedding_group", layout.embedding_groups()),
-            ("mp_group", layout.model_parallel_groups()),
-            ("stage_group", layout.stage_groups()),
-        ):
+        for name, members in _group_tables(layout):
             for ranks in members:
                 group = dist.new_group(ranks, timeout=timeout)
                 if rank in ranks:
                     groups[name] = group
         ctx = cls(layout=layout, rank=rank, local_rank=local_rank, device=torch.device(device), **groups)
         ctx.rng.add("tensor-parallel", tensor_parallel_seed(seed, ctx.tp_rank, ctx.pp_rank))
+        if isinstance(layout, RunLayout) and layout.fully_sharded:
+            ctx.mesh = device_mesh(ctx)
         return ctx
 
     # ------------------------------------------------------------------------------------------ coordinates
@@ -134,6 +135,15 @@ class ParallelContext:
     def distributed(self) -> bool:
         return self.tp_group is not None
 
+    @property
+    def data_mesh(self) -> DeviceMesh:
+        """The data dimension(s) of the mesh, what full sharding shards over: ("data",), or
+        ("data_replicate", "data_shard") under HSDP."""
+        if self.mesh is None:
+            raise ValueError("the context has no device mesh: its layout does not shard fully")
+        names = self.mesh.mesh_dim_names
+        return self.mesh["data"] if "data" in names else self.mesh["data_replicate", "data_shard"]
+
     def on_close(self, callback: Callable[[], None]) -> None:
         """Have close() call `callback` (stop a thread that uses these groups or their store) first."""
         self._on_close.append(callback)
@@ -158,6 +168,51 @@ class ParallelContext:
         """Print the rank layout once (on global rank 0)."""
         if self.rank == 0:
             print(self.layout.describe(), file=file or sys.stdout, flush=True)
+
+
+def _group_tables(layout: RankLayout) -> list[tuple[str, list[list[int]]]]:
+    """(context field, the layout's groups of that kind), in the order every rank creates them."""
+    tables = [
+        ("tp_group", layout.tp_groups()),
+        ("dp_group", layout.dp_groups()),
+        ("pp_group", layout.pp_groups()),
+        ("embedding_group", layout.embedding_groups()),
+        ("mp_group", layout.model_parallel_groups()),
+        ("stage_group", layout.stage_groups()),
+    ]
+    if isinstance(layout, RunLayout) and layout.fully_sharded and layout.data_replicas > 1:
+        tables += [
+            ("dp_shard_group", layout.dp_shard_groups()),
+            ("dp_replicate_group", layout.dp_replicate_groups()),
+        ]
+    return tables
+
+
+def device_mesh(ctx: ParallelContext) -> DeviceMesh:
+    """The world as a torch DeviceMesh whose coordinates are the rank layout's, built on ctx's groups.
+
+    Dimensions (pipeline, data, tensor), or (pipeline, data_replicate, data_shard, tensor) under
+    HSDP; the mesh is the layout's rank order, so a rank's mesh coordinate is its (pp, dp, tp) and no
+    group is created twice. Full sharding hands its data dimension(s) to FSDP2 (`data_mesh`); the
+    tensor dimension is our own tensor parallelism (plain local shards, not DTensor), which FSDP2
+    never sees: it shards what each tensor rank holds.
+    """
+    lay = run_layout_of(ctx)
+    if lay.data_replicas > 1:
+        shape = (lay.pp, lay.data_replicas, lay.data_shards, lay.tp)
+        names = ("pipeline", "data_replicate", "data_shard", "tensor")
+        groups = [ctx.pp_group, ctx.dp_replicate_group, ctx.dp_shard_group, ctx.tp_group]
+    else:
+        shape, names = (lay.pp, lay.dp, lay.tp), ("pipeline", "data", "tensor")
+        groups = [ctx.pp_group, ctx.dp_group, ctx.tp_group]
+    ranks = torch.arange(lay.world_size, dtype=torch.int).view(shape)
+    return DeviceMesh.from_group(groups, ctx.device.type, mesh=ranks, mesh_dim_names=names)
+
+
+def run_layout_of(ctx: ParallelContext) -> RunLayout:
+    if not isinstance(ctx.layout, RunLayout):
+        raise ValueError("this needs the run's layout (a RunLayout from plan_layout)")
+    return ctx.layout
 
 
 # --------------------------------------------------------------------------------------------- launch

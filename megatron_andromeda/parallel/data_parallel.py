@@ -25,7 +25,8 @@ stages.
 
 from __future__ import annotations
 
-from collections.abc import Collection, Sequence
+import math
+from collections.abc import Collection, Iterable, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -246,37 +247,51 @@ def finish_gradients(
 
 
 def _sum_tensor_parallel_partials(buffer: GradBuffer, group: Group) -> None:
-    """Sum partial gradients of tensor-replicated values over `group` in one all-reduce.
+    """The buffer's valid gradient ranges (the same on every tensor rank: they share the data rank)."""
 
-    Tags come from parallel/tensor_parallel.py. Tensor ranks share the data-parallel rank, so the
-    valid ranges are the same on all of them. A replicated KV slot is summed by padding every
-    rank's rows into a zero buffer of all slots (the same trick as `finalize_tp_grads`).
+    def parts():
+        for param in buffer.layout.params:
+            start, stop = buffer.valid_range(param)
+            yield param, buffer.data[start:stop], start - buffer.layout.ranges[param][0]
+
+    sum_tensor_parallel_partials(parts(), group)
+
+
+def sum_tensor_parallel_partials(
+    parts: Iterable[tuple[nn.Parameter, torch.Tensor, int]], group: Group
+) -> None:
+    """Sum partial gradients of tensor-replicated values over `group` in one all-reduce, in place.
+
+    `parts` are (parameter, gradient, start): the 1-D gradient of elements [start, start + len) of
+    the flattened parameter, the same ranges on every rank of the group. Tags come from
+    parallel/tensor_parallel.py. A replicated KV slot is summed by padding every rank's rows into a
+    zero buffer of all slots (the same trick as `finalize_tp_grads`).
     """
     if group_size(group) == 1:
         return
-    parts: list[tuple[int, int, int | None, torch.Tensor]] = []  # (start, stop, slot, values to reduce)
-    for param in buffer.layout.params:
+    pending: list[tuple[torch.Tensor, int | None, torch.Tensor]] = []  # (target, slot, values to reduce)
+    for param, grad, start in parts:
         rows = getattr(param, "tp_replicated_rows", None)
         if not (rows or getattr(param, "sequence_parallel", False)):
             continue
-        start, stop = buffer.valid_range(param)
+        lo, hi = 0, grad.numel()
         if rows is not None:
-            offset, row = buffer.layout.ranges[param][0], param[0].numel()
-            start, stop = max(start, offset + rows.start * row), min(stop, offset + rows.stop * row)
-        if start >= stop:
+            row = math.prod(param.shape[1:])
+            lo, hi = max(lo, rows.start * row - start), min(hi, rows.stop * row - start)
+        if lo >= hi:
             continue
-        own = buffer.data[start:stop]
+        own = grad[lo:hi]
         if rows is None:
-            parts.append((start, stop, None, own))
+            pending.append((own, None, own))
         else:
-            padded = own.new_zeros((rows.num_slots, stop - start))
+            padded = own.new_zeros((rows.num_slots, hi - lo))
             padded[rows.slot] = own
-            parts.append((start, stop, rows.slot, padded))
-    if not parts:
+            pending.append((own, rows.slot, padded))
+    if not pending:
         return
-    flat = all_reduce_(torch.cat([values.reshape(-1) for *_, values in parts]), group)
+    flat = all_reduce_(torch.cat([values.reshape(-1) for *_, values in pending]), group)
     offset = 0
-    for start, stop, slot, values in parts:
+    for target, slot, values in pending:
         summed = flat[offset : offset + values.numel()].view_as(values)
         offset += values.numel()
-        buffer.data[start:stop] = summed if slot is None else summed[slot]
+        target.copy_(summed if slot is None else summed[slot])

@@ -1,9 +1,10 @@
 """The global gradient norm across tensor, pipeline and data groups, with every value counted once.
 
 A rank holds three kinds of gradient values: its own tensor-parallel shards (counted), copies of
-values other ranks hold too (counted by exactly one holder), and, under the distributed optimizer,
-only its data-parallel shard of the reduced gradient (disjoint across data ranks, so the squares
-are summed over the data group as well). Who counts a replicated value:
+values other ranks hold too (counted by exactly one holder), and, under the distributed optimizer
+or full sharding, only its data-parallel shard of the reduced gradient (disjoint across data ranks,
+so the squares are summed over the data group as well; under HSDP only the first replica counts
+its shard). Who counts a replicated value:
 
 | value                                                  | counted on                              |
 |--------------------------------------------------------|-----------------------------------------|
@@ -18,6 +19,7 @@ ranges of the flattened parameter, so they apply to any data-parallel fragment o
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterable, Sequence
 
 import torch
@@ -67,7 +69,7 @@ def counted_ranges(
     rows = getattr(param, "tp_replicated_rows", None)
     if rows is None or tp_rank % rows.replicas == 0:
         return [(0, stop - start)]
-    row = param[0].numel()
+    row = math.prod(param.shape[1:])  # (a DTensor shard's shape is the whole tensor-parallel shard's)
     skip_start, skip_stop = rows.start * row, rows.stop * row
     kept = [(start, min(stop, skip_start)), (max(start, skip_stop), stop)]
     return [(a - start, b - start) for a, b in kept if a < b]

@@ -12,9 +12,10 @@ process, so the trainer needs nothing else. It lives here, not in training/, bec
 builds it and must not import the loop.
 
 `build_parallel_training` lays the parameters' fp32 gradients out in buckets (data_parallel.py),
-builds the replicated or the distributed optimizer (the run layout's `distributed_optimizer`) over
-fp32 master weights and, for fp16, the all-ranks loss scaler. The parameters must already have the
-run's precision (the builder casts them last).
+builds the replicated or the distributed optimizer (the run layout's `data_sharding`: none or
+optimizer) over fp32 master weights and, for fp16, the all-ranks loss scaler. The parameters must
+already have the run's precision (the builder casts them last). Under full sharding FSDP2 holds the
+gradients and the optimizer is fully_sharded.FullyShardedOptimizer over the fp32 shards.
 """
 
 from __future__ import annotations
@@ -38,6 +39,7 @@ from megatron_andromeda.parallel.data_parallel import (
     finish_gradients,
 )
 from megatron_andromeda.parallel.distributed_optimizer import DistributedOptimizer
+from megatron_andromeda.parallel.fully_sharded import FullyShardedOptimizer, finish_sharded_gradients
 from megatron_andromeda.parallel.grad_norm import shared_embedding
 from megatron_andromeda.parallel.layout import RankLayout, RunLayout
 from megatron_andromeda.parallel.mappings import Group, all_reduce_
@@ -110,7 +112,7 @@ class ParallelTraining:
     optimizer: MixedPrecisionOptimizer
     hooks: ParallelHooks
     loss_scaler: DynamicLossScaler | None  # fp16 only
-    grad_buffer: GradBuffer
+    grad_buffer: GradBuffer | None  # None under full sharding (FSDP2 holds the gradient shards)
 
 
 def run_layout(ctx: ParallelContext) -> RunLayout:
@@ -141,6 +143,14 @@ def build_parallel_training(
     """
     layout = run_layout(ctx)
     tc = run_cfg.train
+    if layout.fully_sharded:  # FSDP2 holds the gradients: no buffer
+        optimizer = FullyShardedOptimizer(model, param_groups, run_cfg.optim, ctx)
+        scaler = (
+            DynamicLossScaler(world_group(ctx), device=optimizer.device) if tc.precision == "fp16" else None
+        )
+        hooks = build_parallel_hooks(ctx, model, optimizer, schedule=schedule)
+        hooks.loss_scaler = scaler
+        return ParallelTraining(optimizer, hooks, scaler, None)
     _check_precision(model, precision_dtype(tc.precision))
     shared = shared_embedding(model, ctx)
     named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
@@ -188,7 +198,10 @@ def build_parallel_hooks(
     world = world_group(ctx)
 
     def finish(_model: nn.Module) -> None:
-        finish_gradients(optimizer.grad_buffer, ctx.tp_group, shared, ctx.embedding_group)
+        if isinstance(optimizer, FullyShardedOptimizer):
+            finish_sharded_gradients(optimizer, ctx.tp_group, shared, ctx.embedding_group)
+        else:
+            finish_gradients(optimizer.grad_buffer, ctx.tp_group, shared, ctx.embedding_group)
 
     guard = _StepWaits(watchdog)
     return ParallelHooks(

@@ -124,7 +124,9 @@ class RunLayout(RankLayout):
     schedule: str = "none"  # "none" (pp == 1), "gpipe", "1f1b", "interleaved"
     micro_batch_size: int = 1
     global_batch_size: int = 1
-    distributed_optimizer: bool = False  # ZeRO-1 in effect (asked for, and dp > 1)
+    data_sharding: str = "none"  # in effect: "none", "optimizer" (ZeRO-1) or "full" (FSDP2); none if dp == 1
+    data_replicas: int = 1  # full sharding: groups of dp / data_replicas ranks shard, the groups replicate
+    reshard_after_forward: bool = True  # full sharding: free gathered weights after each forward
 
     @classmethod
     def single(cls, num_layers: int, micro_batch_size: int = 1, global_batch_size: int | None = None):
@@ -133,6 +135,36 @@ class RunLayout(RankLayout):
         check_batch(gbs, micro_batch_size, 1)
         return cls(1, 1, 1, stage_spans=(range(num_layers),), micro_batch_size=micro_batch_size,
                    global_batch_size=gbs)  # fmt: skip
+
+    @property
+    def distributed_optimizer(self) -> bool:
+        """ZeRO-1 in effect: optimizer state sharded, parameters and gradients buckets replicated."""
+        return self.data_sharding == "optimizer"
+
+    @property
+    def fully_sharded(self) -> bool:
+        """FSDP2 in effect: parameters, gradients and optimizer state sharded over the data shards."""
+        return self.data_sharding == "full"
+
+    @property
+    def data_shards(self) -> int:
+        """Ranks one parameter is sharded over under full sharding (the data degree without HSDP)."""
+        return self.dp // self.data_replicas
+
+    def data_coords(self, rank: int) -> tuple[int, int]:
+        """(replica, shard rank) of a global rank: its data rank is replica * data_shards + shard rank."""
+        dp_rank = self.coords(rank)[1]
+        return dp_rank // self.data_shards, dp_rank % self.data_shards
+
+    def dp_shard_groups(self) -> list[list[int]]:
+        """The ranks that shard one copy of the parameters (full sharding): a slice of a data group."""
+        s = self.data_shards
+        return [g[r * s : (r + 1) * s] for g in self.dp_groups() for r in range(self.data_replicas)]
+
+    def dp_replicate_groups(self) -> list[list[int]]:
+        """The ranks holding the same shard in different replicas (HSDP): they all-reduce it."""
+        s = self.data_shards
+        return [g[k::s] for g in self.dp_groups() for k in range(s)]
 
     @property
     def virtual_stages(self) -> int:
@@ -147,6 +179,21 @@ class RunLayout(RankLayout):
     def num_microbatches(self) -> int:
         """Forward/backward passes per step on each rank (gradient accumulation steps)."""
         return self.samples_per_rank // self.micro_batch_size
+
+    def describe(self) -> str:
+        text = super().describe()
+        if not self.fully_sharded:
+            return text
+        lines = [
+            f"  data sharding: full (FSDP2) over {self.data_shards} ranks x {self.data_replicas} replicas"
+        ]
+        if self.data_replicas > 1:
+            for title, groups in (
+                ("data-shard", self.dp_shard_groups()),
+                ("data-replicate", self.dp_replicate_groups()),
+            ):
+                lines.append(f"  {title + ' groups:':24s}{' '.join(str(g) for g in groups)}")
+        return "\n".join([text, *lines])
 
     def spans_of(self, pp_rank: int) -> list[tuple[int, range]]:
         """(virtual stage, layer span) of each model chunk pipeline rank `pp_rank` holds, in chunk order."""
@@ -344,6 +391,38 @@ def check_schedule(pipeline: int, virtual_stages: int, schedule: str, num_microb
         )
 
 
+def check_data_sharding(parallel: ParallelConfig, dp: int, fp8: str = "none") -> str:
+    """The data sharding in effect ("none" when there is one data rank), or a ConfigError naming the fields.
+
+    `full` shards each pipeline stage (each model chunk) on its own, over the data group of its
+    pipeline rank, and runs under every schedule (GPipe, 1F1B, interleaved; tests/test_fully_sharded.py
+    holds each equal to one process). `parallel.data_replicas` (HSDP) needs `full` and must split the
+    data group into groups of at least two ranks. Transformer Engine's FP8 is refused with it (not
+    built: FP8 modules keep per-weight scaling state that this path neither shards nor tests).
+    """
+    mode, replicas = parallel.sharding, parallel.data_replicas
+    if replicas > 1 and mode != "full":
+        raise ConfigError(
+            f"parallel.data_replicas={replicas} (HSDP: shard within groups of data ranks, replicate across "
+            f"them) needs parallel.data_sharding=full, not {mode}"
+        )
+    if replicas > 1 and (dp % replicas or dp // replicas < 2):
+        raise ConfigError(
+            f"parallel.data_replicas={replicas} must divide the data-parallel degree {dp} (parallel.data, or "
+            "world size / (parallel.tensor x parallel.pipeline)) into groups of at least 2 ranks to shard "
+            "over: choose a divisor of it, or parallel.data_replicas=1"
+        )
+    if mode != "full" or dp == 1:
+        return mode if dp > 1 else "none"
+    if fp8 != "none":
+        raise ConfigError(
+            f"backend.fp8={fp8} with parallel.data_sharding=full is not supported (full sharding is not "
+            "built for Transformer Engine's FP8 weight state): set backend.fp8=none or "
+            "parallel.data_sharding=optimizer"
+        )
+    return mode
+
+
 # --------------------------------------------------------------------------------------------- composed
 def validate_layout(
     parallel: ParallelConfig, model: ModelConfig, world_size: int, seq_length: int | None = None
@@ -367,6 +446,7 @@ def plan_layout(cfg: RunConfig, world_size: int) -> RunLayout:
     num_microbatches = check_batch(tc.global_batch_size, tc.micro_batch_size, ranks.dp)
     check_schedule(ranks.pp, pc.virtual_stages, pc.schedule, num_microbatches)
     check_fp8(cfg.backend.fp8, cfg.model, ranks.tp, tc.micro_batch_size, cfg.data.seq_length, pc.recompute)
+    sharding = check_data_sharding(pc, ranks.dp, cfg.backend.fp8)
     return RunLayout(
         ranks.tp, ranks.pp, ranks.dp,
         sequence_parallel=pc.sequence_parallel,
@@ -374,5 +454,7 @@ def plan_layout(cfg: RunConfig, world_size: int) -> RunLayout:
         schedule=schedule_name(ranks.pp, pc.virtual_stages, pc.schedule),
         micro_batch_size=tc.micro_batch_size,
         global_batch_size=tc.global_batch_size,
-        distributed_optimizer=pc.distributed_optimizer and ranks.dp > 1,
+        data_sharding=sharding,
+        data_replicas=pc.data_replicas if sharding == "full" else 1,
+        reshard_after_forward=pc.reshard_after_forward,
     )  # fmt: skip

@@ -99,8 +99,12 @@ class MixedPrecisionOptimizer:
         self.grad_buffer = grad_buffer
         self.ctx = ctx
         self.device = grad_buffer.data.device
+        self._build(model, param_groups, cfg)
+
+    def _build(self, model: nn.Module, param_groups: list[dict[str, Any]], cfg: OptimConfig) -> None:
+        """This rank's fragment of each parameter (`_fragment`) and the AdamW over their masters."""
         names = {p: n for n, p in model.named_parameters()}
-        copies = pipeline_copies(model, ctx)
+        copies = pipeline_copies(model, self.ctx)
         self.fragments: list[Fragment] = []
         self._group_params: list[list[tuple[int, str]]] = []
         groups, index = [], 0

@@ -103,7 +103,7 @@ class Trainer:
         # What the optimizer updates: the model's parameters, or fp32 master copies in parallel runs.
         self.params = [p for group in optimizer.param_groups for p in group["params"]]
         self.num_sources = len(source_names(train_data))
-        self.placement = ckpt.Placement(layout, self.hooks.rank, layout.distributed_optimizer)
+        self.placement = ckpt.Placement.of_run(layout, self.hooks.rank)
         self.checkpointer = ckpt.Checkpointer(cfg, self.placement, rng_tracker=self.hooks.rng)
 
     # ------------------------------------------------------------------------------------------ data

@@ -26,6 +26,7 @@ from megatron_andromeda.models.attention import KVCache
 from megatron_andromeda.models.config import ModelConfig
 from megatron_andromeda.models.gpt import GPTModel
 from megatron_andromeda.parallel.context import ParallelContext
+from megatron_andromeda.parallel.fully_sharded import local_shard
 from megatron_andromeda.parallel.grad_norm import shared_embedding
 
 
@@ -83,4 +84,4 @@ def sync_tied_embedding_weights(model: nn.Module, ctx: ParallelContext) -> None:
     if weight is not None:
         with torch.no_grad():
             first = dist.get_global_rank(ctx.embedding_group, 0)
-            dist.broadcast(weight.data, first, group=ctx.embedding_group)
+            dist.broadcast(local_shard(weight)[0], first, group=ctx.embedding_group)  # (FSDP: its shard)
