@@ -8,13 +8,20 @@ STAMP := $(VENV)/.andromeda-installed
 
 install: $(STAMP)
 
+# The two big steps keep pip's own output (what it downloads, with progress bars): quiet, they
+# looked like a hang of several minutes.
 $(STAMP): setup.py pyproject.toml csrc/*.cpp
+	@echo "== make install 1/3: $(VENV) with pip, setuptools, wheel, pybind11"
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip setuptools wheel pybind11
+	@echo "== make install 2/3: torch 2.13.0, unless $(VENV) has a torch (the largest download)"
 	# Keep a user's own torch; install the CPU build only when the venv has none.
-	$(PY) -c "import torch" 2>/dev/null || $(PY) -m pip install -q torch==2.13.0
-	$(PY) -m pip install -q --no-build-isolation -e '.[dev]'
+	$(PY) -c "import torch" 2>/dev/null || $(PY) -m pip install torch==2.13.0
+	@echo "== make install 3/3: this package in editable mode with its [dev] tools (transformers,"
+	@echo "   lm-eval, megatron-core, ...); compiles the C++ data helper"
+	$(PY) -m pip install --no-build-isolation -e '.[dev]'
 	touch $(STAMP)
+	@echo "== make install: done; run commands as .venv/bin/python ... or 'source $(VENV)/bin/activate' first"
 
 demo: install
 	$(PY) tools/demo.py --out demo_out

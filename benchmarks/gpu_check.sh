@@ -22,7 +22,8 @@
 set -uo pipefail
 
 OUT=${OUT:-gpu_check_out}
-PY=${PYTHON:-python3}
+source examples/launch/find_python.sh  # the venv's python (`make install`), not PATH's python3
+PY=${PYTHON:-$ANDROMEDA_PYTHON}
 mkdir -p "$OUT"
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
 export PYTHONUNBUFFERED=1

@@ -106,6 +106,21 @@ def test_acc_norm_divides_by_characters(tokenizer, trained, monkeypatch):
     assert result["acc"] == 0.0 and result["acc_norm"] == 1.0
 
 
+def test_chance_level_is_reported_beside_accuracy(trained, monkeypatch):
+    """Guessing scores the mean of 1 / choices (2 and 6 choices here: (1/2 + 1/6) / 2 = 1/3); the
+    table shows it so that an accuracy is read against it (issue 20 item 9)."""
+    import megatron_andromeda.evaluation.multiple_choice as mc
+    from megatron_andromeda.evaluation.runner import markdown_report
+
+    examples = [MCExample("Q:", [" a", " b"], 0), MCExample("Q:", [" a", " b", " c", " d", " e", " f"], 5)]
+    scores = iter([(-1.0, False), (-2.0, False)] + [(-1.0, False)] * 6)  # first: right; second: wrong
+    monkeypatch.setattr(mc, "continuation_logprobs", lambda em, requests: [next(scores) for _ in requests])
+    result = mc.score_multiple_choice(trained, examples)
+    assert result["chance"] == pytest.approx(1 / 3) and result["acc"] == 0.5
+    table = markdown_report({"tasks": [{"name": "t", "kind": "multiple_choice", **result}]})
+    assert "| task | n | acc | acc_norm | chance |" in table and "| 33.3 |" in table
+
+
 def test_task_loaders_convert_public_layouts(tmp_path):
     records = [
         {"goal": "Open a jar", "sol1": "twist the lid", "sol2": "eat the lid", "label": 0},

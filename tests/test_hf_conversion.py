@@ -9,6 +9,8 @@ a tensor 2 x pipeline 2 checkpoint (written by convert_from_hf, merged again by 
 
 import dataclasses
 import json
+import os
+import stat
 from pathlib import Path
 
 import pytest
@@ -170,6 +172,64 @@ def test_sharded_export_with_tokenizer_files(tmp_path, tokenizer_file):
     cfg, state = load_hf_directory(out)  # reads the shards back
     assert same_architecture(cfg, ours.cfg)
     assert all(torch.equal(state[k], v) for k, v in ours.state_dict().items())
+
+
+def test_export_tokenizer_loads_in_transformers_4_and_5_and_files_follow_the_umask(tmp_path, tokenizer_file):
+    """transformers 5's own tokenizer writer names `TokenizersBackend`, which 4.x cannot load; the
+    export names `PreTrainedTokenizerFast` (both majors have it) with its special tokens spelled out.
+    The installed transformers must load it and round-trip text; the config content is what 4.57
+    was checked by hand to load (see README, "Hugging Face output"). The weights are written like
+    every other file, with the user's umask (safetensors' own writer leaves them 0600)."""
+    ours = tiny_model(**ARCHS["llama"][0])
+    old_umask = os.umask(0o022)
+    try:
+        out = save_hf_directory(tmp_path / "hf", ours.cfg, ours.state_dict(), tokenizer=tokenizer_file,
+                                max_shard_size="60KB")  # fmt: skip
+    finally:
+        os.umask(old_umask)
+    modes = {f.name: stat.S_IMODE(f.stat().st_mode) for f in out.iterdir()}
+    assert any(name.startswith("model-0") for name in modes) and "model.safetensors.index.json" in modes
+    assert set(modes.values()) == {0o644}, modes
+
+    config = json.loads((out / "tokenizer_config.json").read_text())
+    assert config["tokenizer_class"] == "PreTrainedTokenizerFast"
+    assert (config["eos_token"], config["pad_token"], config["bos_token"]) == (
+        "<|endoftext|>",
+        "<|padding|>",
+        None,
+    )
+    assert config["model_max_length"] == 64 and config["clean_up_tokenization_spaces"] is False
+    assert "unk_token" not in config  # byte-level BPE has no unknown token
+    assert not any("TokenizersBackend" in f.read_text() for f in out.glob("*.json"))
+    assert (out / "tokenizer.json").read_bytes() == tokenizer_file.read_bytes()  # the file training used
+
+    hf_tok = transformers.AutoTokenizer.from_pretrained(out)
+    from megatron_andromeda.data.tokenizer import load_tokenizer
+
+    text = "the quick  brown fox, saves nine!"
+    ids = hf_tok(text)["input_ids"]  # special tokens on: none may be added
+    assert ids == load_tokenizer(tokenizer_file).encode(text)
+    assert hf_tok.decode(ids) == text
+    assert (hf_tok.eos_token_id, hf_tok.pad_token_id, hf_tok.bos_token) == (0, 1, None)
+    assert max_logit_diff(ours, load_hf(out), torch.tensor([ids])) < 1e-4
+
+
+def test_unknown_token_of_a_wordlevel_tokenizer_is_exported(tmp_path):
+    from tokenizers import Tokenizer, models, pre_tokenizers
+
+    vocab = {"<unk>": 0, "</s>": 1, **{w: i + 2 for i, w in enumerate(["the", "quick", "brown", "fox"])}}
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    tok.add_special_tokens(["<unk>", "</s>"])
+    tok.save(str(tmp_path / "tokenizer.json"))
+    ours = tiny_model(**ARCHS["llama"][0])
+    out = save_hf_directory(
+        tmp_path / "hf", ours.cfg, ours.state_dict(), tokenizer=tmp_path / "tokenizer.json"
+    )
+    config = json.loads((out / "tokenizer_config.json").read_text())
+    assert (config["unk_token"], config["eos_token"], config["pad_token"]) == ("<unk>", "</s>", "</s>")
+    hf_tok = transformers.AutoTokenizer.from_pretrained(out)
+    assert hf_tok("the slow fox")["input_ids"] == [2, 0, 5] and hf_tok.unk_token_id == 0
 
 
 # ------------------------------------------------------------------------------- HF -> Andromeda -> HF

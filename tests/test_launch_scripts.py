@@ -2,7 +2,10 @@
 
 Each script prints its command, one argument per line, when ANDROMEDA_DRY_RUN=1; the flags are then
 parsed by torchrun's own argument parser and the training arguments by megatron_andromeda.train's,
-and the layouts are validated as a launch of that size would validate them.
+and the layouts are validated as a launch of that size would validate them. The scripts find the
+torchrun that `make install` put in the checkout's .venv (or the active venv's, TORCHRUN, or
+`python -m torch.distributed.run`) rather than a bare `torchrun`, which a fresh shell does not have
+(issue 20 item 4); one test launches for real from such a shell.
 """
 
 from __future__ import annotations
@@ -12,6 +15,7 @@ import json
 import os
 import re
 import shlex
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -43,11 +47,19 @@ def run_script(script: Path, *args: str, **env: str) -> subprocess.CompletedProc
     )
 
 
+def split_launcher(argv: list[str]) -> tuple[list[str], list[str]]:
+    """(the torchrun program: a torchrun path or `PYTHON -m torch.distributed.run`, its arguments)."""
+    if argv[1:3] == ["-m", "torch.distributed.run"]:
+        return argv[:3], argv[3:]
+    assert Path(argv[0]).name == "torchrun", argv[:3]
+    return argv[:1], argv[1:]
+
+
 def torchrun_args(result: subprocess.CompletedProcess):
     assert result.returncode == 0, result.stderr
-    argv = result.stdout.splitlines()
-    assert argv[0] == "torchrun"
-    args = get_args_parser().parse_args(argv[1:])
+    launcher, argv = split_launcher(result.stdout.splitlines())
+    assert launcher != ["torchrun"], "a bare torchrun is not on PATH after `make install`"
+    args = get_args_parser().parse_args(argv)
     assert args.module and args.training_script == "megatron_andromeda.train"
     return args, train_parse_args(args.training_script_args)
 
@@ -247,3 +259,75 @@ def test_dedup_sbatch_submits_chained_arrays_that_run_the_stages(tmp_path):
 def test_dedup_sbatch_needs_a_work_dir():
     result = run_script(LAUNCH / "dedup.sbatch")
     assert result.returncode != 0 and "WORK_DIR" in result.stderr
+
+
+# ------------------------------------------------------------------------------ which torchrun
+@pytest.fixture
+def checkout(tmp_path) -> Path:
+    """A copy of examples/launch/ in an otherwise empty checkout (no .venv yet)."""
+    shutil.copytree(LAUNCH, tmp_path / "examples" / "launch")
+    return tmp_path
+
+
+def fake_program(path: Path) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("#!/bin/sh\nexit 0\n")
+    path.chmod(0o755)
+    return path
+
+
+def dry_run_launcher(checkout: Path, **env: str) -> list[str]:
+    """The program part of the single-node command, from a shell whose PATH has no torchrun."""
+    clean = {k: v for k, v in os.environ.items() if k not in ("VIRTUAL_ENV", "TORCHRUN", "ANDROMEDA_PYTHON")}
+    clean.update(PATH="/usr/bin:/bin", ANDROMEDA_DRY_RUN="1", NPROC_PER_NODE="2", **env)
+    script = checkout / "examples" / "launch" / "train_single_node.sh"
+    result = subprocess.run(["bash", str(script), "c.yaml"], env=clean, capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
+    launcher, args = split_launcher(result.stdout.splitlines())
+    assert args[:2] == ["--standalone", "--nnodes"]
+    return launcher
+
+
+def test_the_checkouts_venv_torchrun_is_found_without_activating_it(checkout):
+    assert shutil.which("torchrun", path="/usr/bin:/bin") is None  # what a fresh shell has
+    python = dry_run_launcher(checkout)  # no venv at all: torchrun is `python -m torch.distributed.run`
+    assert python[1:] == ["-m", "torch.distributed.run"] and "python" in Path(python[0]).name
+
+    venv_torchrun = fake_program(checkout / ".venv" / "bin" / "torchrun")  # what `make install` makes
+    assert dry_run_launcher(checkout) == [str(venv_torchrun)]
+
+    active = fake_program(checkout / "other-env" / "bin" / "torchrun")  # an activated venv wins
+    assert dry_run_launcher(checkout, VIRTUAL_ENV=str(active.parents[1])) == [str(active)]
+
+    chosen = dry_run_launcher(checkout, TORCHRUN="/opt/py/bin/python -m torch.distributed.run")
+    assert chosen == ["/opt/py/bin/python", "-m", "torch.distributed.run"]
+    assert dry_run_launcher(checkout, ANDROMEDA_PYTHON="/opt/py/bin/python") == chosen
+
+
+def test_sbatch_plans_with_the_venvs_python(checkout):
+    """slurm_launch.sh runs tools/plan_parallel.py with the venv's Python, not PATH's `python`."""
+    python = fake_program(checkout / ".venv" / "bin" / "python")
+    python.write_text('#!/bin/sh\necho "$@" > "$(dirname "$0")/called"; echo train.micro_batch_size=1\n')
+    env = {k: v for k, v in os.environ.items() if k not in ("VIRTUAL_ENV", "TORCHRUN", "ANDROMEDA_PYTHON")}
+    env.update(PATH="/usr/bin:/bin", ANDROMEDA_DRY_RUN="1", SLURM_NNODES="3", MASTER_ADDR="n1",
+               PLAN_GPU="h100", SLURM_SUBMIT_DIR=str(checkout))  # fmt: skip
+    script = checkout / "examples" / "launch" / "slurm_andromeda_1b.sbatch"
+    result = subprocess.run(["bash", str(script)], env=env, capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
+    assert (python.parent / "called").read_text().startswith("tools/plan_parallel.py --config")
+    # no .venv/bin/torchrun in this checkout: the venv's python runs torchrun's module
+    assert result.stdout.splitlines()[:3] == [str(python), "-m", "torch.distributed.run"]
+    assert "train.micro_batch_size=1" in result.stdout.splitlines()
+
+
+def test_a_launch_from_a_fresh_shell_runs(tmp_path):
+    """For real, one process: from a shell with no venv on PATH the script still starts torchrun,
+    which starts the trainer (here printing one config section's help and exiting)."""
+    env = {
+        k: v for k, v in os.environ.items() if k not in ("TORCHRUN", "ANDROMEDA_PYTHON", "ANDROMEDA_DRY_RUN")
+    }
+    env.update(PATH="/usr/bin:/bin", VIRTUAL_ENV=sys.prefix, NPROC_PER_NODE="1", MASTER_PORT="29731")
+    cmd = ["bash", str(LAUNCH / "train_single_node.sh"), "examples/configs/demo_tiny.yaml", "--help", "optim"]
+    result = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "optim.warmup_steps" in result.stdout and "command not found" not in result.stderr

@@ -368,7 +368,9 @@ def test_cli_search_json_and_overrides(tmp_path, capsys):
 
 def test_cli_rejects_impossible_layouts(capsys):
     tool = load_tool()
-    with pytest.raises(SystemExit, match="model.num_heads=16 is not divisible by parallel.tensor=3"):
-        tool.main(["--model", "andromeda-1b", "--nodes", "1", "--gpus-per-node", "3", "--layout", "3,1"])
-    with pytest.raises(SystemExit, match=r"--layout 2,2,3: 2 x 2 x 3 != 8 GPUs"):
-        tool.main(["--model", "andromeda-1b", "--layout", "2,2,3"])
+    assert (
+        tool.main(["--model", "andromeda-1b", "--nodes", "1", "--gpus-per-node", "3", "--layout", "3,1"]) == 2
+    )
+    assert "model.num_heads=16 is not divisible by parallel.tensor=3" in capsys.readouterr().err
+    assert tool.main(["--model", "andromeda-1b", "--layout", "2,2,3"]) == 2
+    assert "plan_parallel: error: --layout 2,2,3: 2 x 2 x 3 != 8 GPUs" in capsys.readouterr().err

@@ -25,8 +25,10 @@ from pathlib import Path
 from megatron_andromeda.checkpoint import write_model_checkpoint
 from megatron_andromeda.checkpoint.reshard import relayout_config
 from megatron_andromeda.config import ConfigError, ModelConfig, RunConfig, load_config
+from megatron_andromeda.data.tokenizer import load_tokenizer
+from megatron_andromeda.errors import UserError, print_error, report_user_errors
 from megatron_andromeda.hf import ConversionError, load_hf_directory, run_config_for
-from megatron_andromeda.models.vocab import resize_vocabulary
+from megatron_andromeda.models.vocab import check_real_vocab_size, resize_vocabulary
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -85,6 +87,8 @@ def main(argv: list[str] | None = None) -> int:
         )
         model_cfg, state = load_hf_directory(hf_dir)
         hf_vocab = model_cfg.vocab_size
+        if tokenizer is not None:  # a tokenizer with more ids than the model has rows is another model's
+            check_real_vocab_size(load_tokenizer(tokenizer).vocab_size, hf_vocab, f"--tokenizer {tokenizer}")
         model_cfg, state = pad_vocabulary(model_cfg, state, args.vocab_size, args.tensor)
         check_layout(args.tensor, args.pipeline, model_cfg)
         base = load_config(args.config) if args.config else None
@@ -92,9 +96,8 @@ def main(argv: list[str] | None = None) -> int:
         output = write_model_checkpoint(
             args.output, run_cfg, state, tensor=args.tensor, pipeline=args.pipeline
         )
-    except (ConversionError, ConfigError, OSError) as e:
-        print(f"convert_from_hf: error: {e}", file=sys.stderr)
-        return 2
+    except (UserError, OSError) as e:  # config, tokenizer, conversion; unreadable files
+        return print_error(e, "convert_from_hf")
     if model_cfg.vocab_size > hf_vocab:
         print(f"padded the vocabulary from {hf_vocab} to {model_cfg.vocab_size} rows (zeros; never sampled)")
     if tokenizer is None:
@@ -106,4 +109,5 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    with report_user_errors():
+        sys.exit(main())

@@ -19,9 +19,8 @@ from pathlib import Path
 
 import torch
 
-from megatron_andromeda.checkpoint import CheckpointError
-from megatron_andromeda.config import ConfigError
 from megatron_andromeda.data.tokenizer import load_tokenizer
+from megatron_andromeda.errors import UserError, print_error, report_user_errors
 from megatron_andromeda.hf import ConversionError, hf_model_type, read_checkpoint, save_hf_directory
 from megatron_andromeda.models.vocab import VOCAB_ROWS
 
@@ -74,9 +73,8 @@ def main(argv: list[str] | None = None) -> int:
             max_shard_size=args.max_shard_size,
             overwrite=args.overwrite,
         )
-    except (ConversionError, ConfigError, CheckpointError, OSError) as e:
-        print(f"convert_to_hf: error: {e}", file=sys.stderr)
-        return 2
+    except (UserError, OSError) as e:  # config, checkpoint, tokenizer, conversion; unreadable files
+        return print_error(e, "convert_to_hf")
     model_vocab = run_cfg.model.vocab_size
     dropped = model_vocab - (load_tokenizer(tokenizer).vocab_size if tokenizer else model_vocab)
     if dropped:
@@ -89,4 +87,5 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    with report_user_errors():
+        sys.exit(main())

@@ -23,9 +23,8 @@ import sys
 import time
 from pathlib import Path
 
-from megatron_andromeda.checkpoint import CheckpointError, resolve_checkpoint
-from megatron_andromeda.data.indexed_dataset import DatasetError
-from megatron_andromeda.evaluation.multiple_choice import TaskError
+from megatron_andromeda.checkpoint import resolve_checkpoint
+from megatron_andromeda.errors import UserError, print_error, report_user_errors
 from megatron_andromeda.evaluation.runner import evaluate, markdown_report
 from megatron_andromeda.evaluation.scoring import load_eval_model
 
@@ -78,9 +77,8 @@ def main(argv: list[str] | None = None) -> int:
             args.chat,
             args.allow_tokenizer_mismatch,
         )
-    except (TaskError, DatasetError, CheckpointError, FileNotFoundError, ValueError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    except (UserError, FileNotFoundError, ValueError) as e:  # tasks, data, checkpoint, tokenizer
+        return print_error(e, "evaluate")
     results = {
         "checkpoint": str(resolve_checkpoint(args.checkpoint)),
         "seconds": round(time.perf_counter() - start, 2),
@@ -96,4 +94,5 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    with report_user_errors():
+        sys.exit(main())

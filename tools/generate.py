@@ -20,11 +20,11 @@ from pathlib import Path
 
 import torch
 
-from megatron_andromeda.checkpoint import CheckpointError
 from megatron_andromeda.config import ConfigError
 from megatron_andromeda.data.tokenizer import Tokenizer, load_tokenizer
+from megatron_andromeda.errors import UserError, print_error, report_user_errors
 from megatron_andromeda.generation import SamplingConfig, generate
-from megatron_andromeda.hf import ConversionError, load_hf_directory, read_checkpoint
+from megatron_andromeda.hf import load_hf_directory, read_checkpoint
 from megatron_andromeda.models import GPTModel
 from megatron_andromeda.models.vocab import check_real_vocab_size
 
@@ -101,9 +101,8 @@ def main(argv: list[str] | None = None) -> int:
         sampling = SamplingConfig(
             args.max_new_tokens, args.temperature, args.top_k, args.top_p, eos
         ).validate()
-    except (ConversionError, ConfigError, CheckpointError, OSError, ValueError) as e:
-        print(f"generate: error: {e}", file=sys.stderr)
-        return 2
+    except (UserError, OSError, ValueError) as e:  # config, checkpoint, tokenizer, conversion
+        return print_error(e, "generate")
     model.to(device)
     generator = torch.Generator(device=device).manual_seed(args.seed)
     print(args.prompt if args.prompt is not None else args.prompt_ids + " ", end="", flush=True)
@@ -150,4 +149,5 @@ def _eod(tokenizer: Tokenizer) -> int | None:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    with report_user_errors():
+        sys.exit(main())

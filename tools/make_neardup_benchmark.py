@@ -23,6 +23,7 @@ import os
 import sys
 from collections import Counter
 
+from megatron_andromeda.errors import report_user_errors
 from megatron_andromeda.preprocess.neardup.benchmark import BenchmarkConfig, make_benchmark
 from megatron_andromeda.preprocess.report import write_atomic
 
@@ -70,4 +71,5 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    with report_user_errors():
+        sys.exit(main())

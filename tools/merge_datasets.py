@@ -19,7 +19,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from megatron_andromeda.data.indexed_dataset import DatasetError
+from megatron_andromeda.errors import UserError, print_error, report_user_errors
 from megatron_andromeda.preprocess.merge import merge_datasets, merge_runs
 
 
@@ -45,11 +45,11 @@ def main(argv: list[str] | None = None) -> int:
         else:
             merged = merge_datasets(args.datasets, args.output_prefix)
             print(f"{args.output_prefix}: {merged.num_documents:,} documents, {merged.num_tokens:,} tokens")
-    except (DatasetError, ValueError) as e:
-        print(f"merge_datasets.py: error: {e}", file=sys.stderr)
-        return 2
+    except (UserError, ValueError) as e:
+        return print_error(e, "merge_datasets.py")
     return 0
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    with report_user_errors():
+        sys.exit(main())

@@ -1,8 +1,12 @@
 #!/usr/bin/env python3
 """Parameter count, training FLOPs per token and training memory of a model preset or config.
 
-python tools/model_info.py --model andromeda-1b [--seq-length 2048] [--json]
+python tools/model_info.py --model andromeda-1b [--seq-length 2048] [--precision bf16] [--json]
 python tools/model_info.py --config examples/configs/andromeda_1b.yaml
+
+Memory follows the precision of the weights: the config's `train.precision` (bf16 for a preset,
+as on GPUs), or `--precision`. bf16 / fp16 weights take 2 bytes plus a 4-byte fp32 master copy;
+fp32 weights take 4 bytes and are their own masters.
 """
 
 from __future__ import annotations
@@ -12,7 +16,9 @@ import json
 import sys
 
 from megatron_andromeda.config import ConfigError, ModelConfig, load_config
+from megatron_andromeda.errors import report_user_errors
 from megatron_andromeda.models.accounting import (
+    WEIGHT_BYTES,
     count_parameters,
     training_flops_per_token,
     training_memory,
@@ -20,9 +26,9 @@ from megatron_andromeda.models.accounting import (
 from megatron_andromeda.models.presets import get_preset
 
 
-def model_info(cfg: ModelConfig, seq_length: int) -> dict:
+def model_info(cfg: ModelConfig, seq_length: int, precision: str = "bf16") -> dict:
     counts = count_parameters(cfg)
-    memory = training_memory(cfg)
+    memory = training_memory(cfg, precision=precision)
     return {
         "model": cfg.name,
         "parameters": counts.total,
@@ -30,6 +36,7 @@ def model_info(cfg: ModelConfig, seq_length: int) -> dict:
         "embedding_parameters": counts.embedding + counts.lm_head,
         "seq_length": seq_length,
         "training_flops_per_token": training_flops_per_token(cfg, seq_length),
+        "precision": precision,
         "memory_bytes": memory.as_dict(),
         "shape": {
             "hidden_size": cfg.hidden_size,
@@ -56,14 +63,18 @@ def format_table(info: dict) -> str:
             f"training FLOPs / token (seq {info['seq_length']})",
             f"{info['training_flops_per_token'] / 1e9:.3f} GFLOP",
         ),
-        ("weights (bf16)", f"{mem['weights'] / gib:.2f} GiB"),
+        (f"weights ({info['precision']})", f"{mem['weights'] / gib:.2f} GiB"),
         ("gradients (fp32)", f"{mem['gradients'] / gib:.2f} GiB"),
-        ("master weights (fp32)", f"{mem['master_weights'] / gib:.2f} GiB"),
+        ("master weights (fp32)", master_weights(info["precision"], mem["master_weights"] / gib)),
         ("Adam states (fp32 m, v)", f"{mem['optimizer_states'] / gib:.2f} GiB"),
         ("total model state", f"{mem['total'] / gib:.2f} GiB"),
     ]
     width = max(len(k) for k, _ in rows)
     return "\n".join(f"{k:<{width}}  {v}" for k, v in rows)
+
+
+def master_weights(precision: str, gib: float) -> str:
+    return "none: fp32 weights are their own masters" if precision == "fp32" else f"{gib:.2f} GiB"
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -76,20 +87,27 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--seq-length", type=int, default=None, help="default: the config's data.seq_length or 2048"
     )
+    parser.add_argument(
+        "--precision",
+        choices=sorted(WEIGHT_BYTES),
+        default=None,
+        help="the weights' dtype (default: the config's train.precision; bf16 for --model)",
+    )
     parser.add_argument("--json", action="store_true", help="print one JSON object")
     args = parser.parse_args(argv)
     try:
         if args.model:
-            cfg, seq = get_preset(args.model), 2048
+            cfg, seq, precision = get_preset(args.model), 2048, "bf16"
         else:
             run = load_config(args.config)
-            cfg, seq = run.model, run.data.seq_length
+            cfg, seq, precision = run.model, run.data.seq_length, run.train.precision
     except ConfigError as err:
         parser.error(str(err))
-    info = model_info(cfg, args.seq_length or seq)
+    info = model_info(cfg, args.seq_length or seq, args.precision or precision)
     print(json.dumps(info) if args.json else format_table(info))
     return 0
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    with report_user_errors():
+        sys.exit(main())

@@ -22,7 +22,9 @@ from __future__ import annotations
 
 import sys
 
+from megatron_andromeda.errors import report_user_errors
 from megatron_andromeda.preprocess.neardup.cli import main
 
 if __name__ == "__main__":
-    sys.exit(main())
+    with report_user_errors():
+        sys.exit(main())

@@ -19,6 +19,7 @@ import json
 import sys
 import tempfile
 
+from megatron_andromeda.errors import report_user_errors
 from megatron_andromeda.preprocess.neardup.quality import (
     breakdown,
     default_grid,
@@ -111,4 +112,5 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    with report_user_errors():
+        sys.exit(main())

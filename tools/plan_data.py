@@ -21,6 +21,7 @@ from pathlib import Path
 from megatron_andromeda.config import ConfigError
 from megatron_andromeda.data.indexed_dataset import IndexedDataset, dataset_exists
 from megatron_andromeda.data.recipe import Source, StagePlan, load_recipe, plan_stage, stage_token_budget
+from megatron_andromeda.errors import report_user_errors
 
 
 def tokens_in_source(source: Source) -> int | None:
@@ -151,4 +152,5 @@ def _as_json(plan: StagePlan, available: list[int | None]) -> dict:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    with report_user_errors():
+        sys.exit(main())

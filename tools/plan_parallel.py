@@ -25,6 +25,7 @@ import sys
 from dataclasses import asdict
 
 from megatron_andromeda.config import ConfigError, ModelConfig, ParallelConfig, load_config
+from megatron_andromeda.errors import print_error, report_user_errors
 from megatron_andromeda.models.presets import get_preset
 from megatron_andromeda.planner import (
     GIB,
@@ -241,7 +242,7 @@ def main(argv: list[str] | None = None) -> int:
         else:
             plans = recommend(model, cluster, top=args.top, **common)
     except ConfigError as err:
-        sys.exit(f"plan_parallel: {err}")
+        return print_error(err, "plan_parallel")
     if args.print_overrides:
         print(" ".join(plans[0].layout.overrides()))
         return 0
@@ -262,11 +263,12 @@ def main(argv: list[str] | None = None) -> int:
         try:
             groups = dry_run(best.layout, model, seq)
         except ConfigError as err:
-            sys.exit(f"plan_parallel: dry run: {err}")
+            return print_error(err, "plan_parallel: dry run")
         built = ", ".join(f"{n.removesuffix('_group')} {c} x {s}" for n, (c, s) in groups.items())
         print(f"dry run: {best.layout.world_size} ranks, every group built and checked ({built})")
     return 0
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    with report_user_errors():
+        sys.exit(main())

@@ -20,6 +20,8 @@ from typing import Any
 
 from matplotlib.figure import Figure
 
+from megatron_andromeda.errors import print_error, report_user_errors
+
 
 def read_metrics(path: str | Path) -> list[dict[str, Any]]:
     """The records of a metrics.jsonl file (see megatron_andromeda/training/metrics.py)."""
@@ -114,8 +116,7 @@ def main(argv: list[str] | None = None) -> int:
                 key, n = f"{label} ({n})", n + 1
             runs[key] = read_metrics(path)
     except (FileNotFoundError, ValueError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+        return print_error(e, "plot_metrics")
     if not any(series(r, "train", "loss")[0] or series(r, "valid", "loss")[0] for r in runs.values()):
         print("error: no loss records in the given files", file=sys.stderr)
         return 2
@@ -126,4 +127,5 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    with report_user_errors():
+        sys.exit(main())

@@ -37,6 +37,7 @@ from megatron_andromeda.data.chat_formats import (
 from megatron_andromeda.data.chat_template import ChatTemplate
 from megatron_andromeda.data.sft_dataset import SFTDatasetWriter
 from megatron_andromeda.data.tokenizer import load_tokenizer
+from megatron_andromeda.errors import UserError, print_error, report_user_errors
 
 SPLIT_NAMES = ("train", "valid", "test")
 
@@ -138,9 +139,8 @@ def main(argv: list[str] | None = None) -> int:
         reports, writers = preprocess(
             args.input, args.output_prefix, args.tokenizer, fmt, args.split, args.batch_size, args.strict
         )
-    except (FormatError, ValueError, FileNotFoundError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    except (UserError, ValueError, FileNotFoundError) as e:  # records, tokenizer, flags, files
+        return print_error(e, "preprocess_chat")
     for report in reports:
         print(report.summary())
     for name, w in writers.items():
@@ -155,4 +155,5 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    with report_user_errors():
+        sys.exit(main())

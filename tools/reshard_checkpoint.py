@@ -21,8 +21,8 @@ import argparse
 import sys
 import time
 
-from megatron_andromeda.checkpoint import CheckpointError, open_checkpoint, reshard_checkpoint
-from megatron_andromeda.config import ConfigError
+from megatron_andromeda.checkpoint import open_checkpoint, reshard_checkpoint
+from megatron_andromeda.errors import UserError, print_error, report_user_errors
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -44,9 +44,8 @@ def main(argv: list[str] | None = None) -> int:
         written = reshard_checkpoint(
             source.path, args.output, args.tensor, args.pipeline, with_optimizer=not args.model_only
         )
-    except (CheckpointError, ConfigError, OSError) as e:
-        print(f"reshard_checkpoint: error: {e}", file=sys.stderr)
-        return 2
+    except (UserError, OSError) as e:
+        return print_error(e, "reshard_checkpoint")
     print(
         f"{source.path} (tensor {layout['tensor']} x pipeline {layout['pipeline']} x data {layout['data']}) "
         f"-> {written} (tensor {args.tensor} x pipeline {args.pipeline}) "
@@ -56,4 +55,5 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    with report_user_errors():
+        sys.exit(main())

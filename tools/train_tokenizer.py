@@ -26,6 +26,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 from megatron_andromeda.data.jsonl import InputError, iter_jsonl, open_text
+from megatron_andromeda.errors import UserError, print_error, report_user_errors
 
 EOD_TOKEN, PAD_TOKEN = "<|endoftext|>", "<|padding|>"
 JSONL_SUFFIXES = (".jsonl", ".jsonl.gz", ".jsonl.zst")
@@ -168,9 +169,8 @@ def main(argv: list[str] | None = None) -> int:
     start = time.perf_counter()
     try:
         vocab = train(args.input, args.output, args.vocab_size, args.kind, args.json_key)
-    except (InputError, ValueError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    except (UserError, ValueError) as e:
+        return print_error(e, "train_tokenizer")
     elapsed = time.perf_counter() - start
     if vocab < args.vocab_size:
         print(
@@ -181,4 +181,5 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    with report_user_errors():
+        sys.exit(main())

@@ -21,6 +21,7 @@ from megatron_andromeda.data.checks import check_tokenizer
 from megatron_andromeda.data.indexed_dataset import DatasetError, validate_indexed_dataset
 from megatron_andromeda.data.sidecar import find_sidecar
 from megatron_andromeda.data.tokenizer import Tokenizer, load_tokenizer
+from megatron_andromeda.errors import report_user_errors, traceback_requested
 
 DATASET_FILE_SUFFIXES = (".bin", ".idx")
 
@@ -71,6 +72,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         tokenizer = load_tokenizer(args.tokenizer) if args.tokenizer else None
     except (OSError, ValueError) as e:
+        if traceback_requested():
+            raise
         print(f"FAIL --tokenizer: {e}", file=sys.stderr)
         return 1
     failures = 0
@@ -78,6 +81,8 @@ def main(argv: list[str] | None = None) -> int:
         try:
             warnings = check_one(dataset_prefix(given), args, tokenizer)
         except DatasetError as e:
+            if traceback_requested():
+                raise
             print(f"FAIL {e}", file=sys.stderr)
             failures += 1
         else:
@@ -87,4 +92,5 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    with report_user_errors():
+        sys.exit(main())

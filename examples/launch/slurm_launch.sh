@@ -9,12 +9,13 @@
 set -euo pipefail
 
 cd "${SLURM_SUBMIT_DIR:-$PWD}"  # sbatch runs a copy of the script: paths are relative to the repo root
+source examples/launch/find_python.sh  # ANDROMEDA_PYTHON: the venv's python, not PATH's
 NODES=${SLURM_NNODES:?run this through sbatch (SLURM_NNODES is unset)}
 GPUS=${SLURM_GPUS_ON_NODE:-8}
 WORLD=$((NODES * GPUS))
 
 if [[ -n "${PLAN_GPU:-}" ]]; then
-    read -r -a LAYOUT < <(python tools/plan_parallel.py --config "$CONFIG" --nodes "$NODES" \
+    read -r -a LAYOUT < <("$ANDROMEDA_PYTHON" tools/plan_parallel.py --config "$CONFIG" --nodes "$NODES" \
         --gpus-per-node "$GPUS" --gpu "$PLAN_GPU" --print-overrides)
     [[ ${#LAYOUT[@]} -gt 0 ]] || { echo "tools/plan_parallel.py found no layout" >&2; exit 2; }
 else

@@ -9,8 +9,9 @@
 #
 # Environment: NNODES (required), MASTER_ADDR (required: a host every node reaches), MASTER_PORT
 # (29500), NPROC_PER_NODE (default: the GPUs nvidia-smi lists), RDZV_ID (a job id shared by the
-# nodes; default: SLURM_JOB_ID or "andromeda"), MAX_RESTARTS (3). ANDROMEDA_DRY_RUN=1 prints the
-# command, one argument per line, instead of running it.
+# nodes; default: SLURM_JOB_ID or "andromeda"), MAX_RESTARTS (3), TORCHRUN (default: the venv's
+# torchrun, see find_python.sh). ANDROMEDA_DRY_RUN=1 prints the command, one argument per line,
+# instead of running it.
 set -euo pipefail
 
 if [[ $# -lt 1 ]]; then
@@ -31,8 +32,9 @@ if [[ -z "${NPROC_PER_NODE:-}" ]]; then
     [[ "$NPROC_PER_NODE" -ge 1 ]] || NPROC_PER_NODE=1
 fi
 
+source "$(dirname "${BASH_SOURCE[0]}")/find_python.sh"  # this checkout's torchrun, not PATH's
 cmd=(
-    torchrun
+    "${TORCHRUN_CMD[@]}"
     --nnodes "$NNODES"
     --nproc-per-node "$NPROC_PER_NODE"
     --rdzv-backend c10d

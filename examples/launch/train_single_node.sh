@@ -4,7 +4,8 @@
 #   examples/launch/train_single_node.sh examples/configs/andromeda_100m.yaml [section.key=value ...]
 #
 # Environment: NPROC_PER_NODE (default: the GPUs nvidia-smi lists, else 1), MASTER_PORT (default
-# 29500). ANDROMEDA_DRY_RUN=1 prints the command, one argument per line, instead of running it.
+# 29500), TORCHRUN (default: the venv's torchrun, see find_python.sh). ANDROMEDA_DRY_RUN=1 prints
+# the command, one argument per line, instead of running it.
 set -euo pipefail
 
 if [[ $# -lt 1 ]]; then
@@ -23,8 +24,9 @@ if [[ -z "${NPROC_PER_NODE:-}" ]]; then
     [[ "$NPROC_PER_NODE" -ge 1 ]] || NPROC_PER_NODE=1
 fi
 
+source "$(dirname "${BASH_SOURCE[0]}")/find_python.sh"  # this checkout's torchrun, not PATH's
 cmd=(
-    torchrun
+    "${TORCHRUN_CMD[@]}"
     --standalone
     --nnodes 1
     --nproc-per-node "$NPROC_PER_NODE"

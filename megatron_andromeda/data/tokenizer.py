@@ -39,6 +39,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from megatron_andromeda.errors import UserError
+
 # The end-of-document token is the first of these names present in the vocabulary; SentencePiece
 # models use their declared eos id first. Order matters: "<|endoftext|>" (GPT-2/NeoX/Falcon) wins
 # over "</s>" when a vocabulary has both.
@@ -88,6 +90,18 @@ class TokenizerBackendError(ValueError):
 
 class TokenizerMismatchError(TokenizerBackendError):
     """gigatoken and the reference library give different ids for a text."""
+
+
+class TokenizerError(UserError, ValueError):
+    """A tokenizer file that cannot be used (malformed, or missing a token the pipeline needs)."""
+
+    label = "tokenizer error"
+
+
+class TokenizerNotFoundError(UserError, FileNotFoundError):
+    """No tokenizer file at the path given (a FileNotFoundError, so `except OSError` still sees it)."""
+
+    label = "tokenizer error"
 
 
 class Tokenizer(ABC):
@@ -142,7 +156,7 @@ class Tokenizer(ABC):
             token_id = self.token_to_id(name)
             if token_id is not None:
                 return token_id
-        raise ValueError(
+        raise TokenizerError(
             f"{self.path}: no end-of-document token found (looked for {', '.join(EOD_CANDIDATES)}); "
             "add one as a special token, e.g. retrain with tools/train_tokenizer.py"
         )
@@ -171,7 +185,7 @@ class HFTokenizer(Tokenizer):
         try:
             self._tok = _HFTokenizer.from_file(path)
         except Exception as e:  # the library raises a bare Exception on malformed JSON
-            raise ValueError(f"{path}: not a Hugging Face tokenizer.json ({e})") from e
+            raise TokenizerError(f"{path}: not a Hugging Face tokenizer.json ({e})") from e
         vocab = self._tok.get_vocab(with_added_tokens=True)
         # Added tokens can sit above the base vocabulary without being counted by get_vocab_size.
         self._vocab_size = max(self._tok.get_vocab_size(with_added_tokens=True), max(vocab.values()) + 1)
@@ -212,7 +226,7 @@ class SentencePieceTokenizer(Tokenizer):
         try:
             self._sp.Load(path)
         except (OSError, RuntimeError) as e:
-            raise ValueError(f"{path}: not a SentencePiece model ({e})") from e
+            raise TokenizerError(f"{path}: not a SentencePiece model ({e})") from e
 
     def encode(self, text: str) -> list[int]:
         return self._sp.EncodeAsIds(text)
@@ -495,7 +509,7 @@ def _resolve_path(path: str | os.PathLike) -> str:
                 path = os.path.join(path, name)
                 break
     if not os.path.isfile(path):
-        raise FileNotFoundError(
+        raise TokenizerNotFoundError(
             f"tokenizer file not found: {path}; point data.tokenizer at a tokenizer.json or a "
             "SentencePiece .model, or make one with tools/train_tokenizer.py"
         )

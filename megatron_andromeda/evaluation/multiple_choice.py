@@ -135,7 +135,7 @@ def load_mc_task(path: str, fmt: str | None = None, limit: int | None = None) ->
 
 # ------------------------------------------------------------------------------------------- scoring
 def score_multiple_choice(em: EvalModel, examples: list[MCExample]) -> dict[str, Any]:
-    """acc and acc_norm (with standard errors) and each example's predicted choices."""
+    """acc and acc_norm (with standard errors), the chance level, and each example's predicted choices."""
     requests = [encode_pair(em.tokenizer, ex.context, choice) for ex in examples for choice in ex.choices]
     scores = iter(continuation_logprobs(em, requests))
     hits, hits_norm, predictions = 0, 0, []
@@ -149,6 +149,7 @@ def score_multiple_choice(em: EvalModel, examples: list[MCExample]) -> dict[str,
     n = len(examples)
     return {
         "n": n,
+        "chance": sum(1 / len(ex.choices) for ex in examples) / n,  # the accuracy of guessing
         "acc": hits / n,
         "acc_stderr": _stderr(hits / n, n),
         "acc_norm": hits_norm / n,

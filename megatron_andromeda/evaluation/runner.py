@@ -116,12 +116,13 @@ def markdown_report(results: dict[str, Any]) -> str:
         tables.append(_table(["dataset", "source", "split", "tokens", "loss", "ppl"], rows))
     tasks = results.get("tasks", [])
     rows = [
-        [t["name"], str(t["n"]), _pct(t["acc"], t["acc_stderr"]), _pct(t["acc_norm"], t["acc_norm_stderr"])]
+        [t["name"], str(t["n"]), _pct(t["acc"], t["acc_stderr"]), _pct(t["acc_norm"], t["acc_norm_stderr"]),
+         _pct(t["chance"], None) if "chance" in t else "?"]
         for t in tasks
         if t["kind"] == "multiple_choice"
-    ]
-    if rows:
-        tables.append(_table(["task", "n", "acc", "acc_norm"], rows))
+    ]  # fmt: skip
+    if rows:  # chance: what guessing scores, so that 21.7% on six choices reads as "a little above 16.7%"
+        tables.append(_table(["task", "n", "acc", "acc_norm", "chance"], rows))
     rows = [
         [t["name"], str(t["n"]), f"{100 * t['exact_match']:.1f}", f"{100 * t['f1']:.1f}", f"{t['bleu']:.2f}"]
         for t in tasks

@@ -1,9 +1,12 @@
 """Hugging Face model directories and Andromeda checkpoints on disk, around the mappings in `convert`.
 
 An exported directory holds what `AutoModelForCausalLM.from_pretrained` and `AutoTokenizer` expect:
-`config.json`, `model.safetensors` (or shards plus `model.safetensors.index.json`), the tokenizer
-files and `generation_config.json`, all written through transformers' and huggingface_hub's own
-writers.
+`config.json` and `generation_config.json` (transformers' own writers), `model.safetensors` (or
+shards plus `model.safetensors.index.json`: huggingface_hub's shard plan, written by our streaming
+checkpoint writer, so the files get the user's umask like every other file instead of the 0600 of
+safetensors' writer), and the tokenizer: `tokenizer.json` as given plus a `tokenizer_config.json`
+naming `PreTrainedTokenizerFast` with its special tokens spelled out, which transformers 4.x and
+5.x both load (5.x's own writer names `TokenizersBackend`, a class 4.x does not have).
 
 With a tokenizer, the export holds exactly the tokenizer's vocabulary: rows the model has beyond it
 (padding for tensor parallelism, see models/vocab.py) are dropped, so `config.json`'s vocab_size is
@@ -49,7 +52,6 @@ def save_hf_directory(
     name and renamed into place at the end, so an interrupted export never leaves a directory that
     looks complete.
     """
-    from huggingface_hub import save_torch_state_dict
     from transformers import GenerationConfig
 
     output = Path(output)
@@ -71,7 +73,7 @@ def save_hf_directory(
             hf_sd = {k: v.to(dtype) if v.is_floating_point() else v for k, v in hf_sd.items()}
         hf_config.dtype = next(iter(hf_sd.values())).dtype
         hf_config.save_pretrained(tmp)
-        save_torch_state_dict(hf_sd, tmp, max_shard_size=max_shard_size)
+        save_weights(hf_sd, tmp, max_shard_size)
         GenerationConfig(**tokens.as_config()).save_pretrained(tmp)
         if output.exists():
             shutil.rmtree(output)
@@ -82,9 +84,27 @@ def save_hf_directory(
     return output
 
 
+def save_weights(state_dict: StateDict, directory: Path, max_shard_size: int | str) -> None:
+    """`model.safetensors`, or shards and their index past `max_shard_size`, streamed and fsynced."""
+    from huggingface_hub import split_torch_state_dict_into_shards
+
+    from megatron_andromeda.checkpoint.storage import write_safetensors
+
+    split = split_torch_state_dict_into_shards(state_dict, max_shard_size=max_shard_size)
+    for filename, names in split.filename_to_tensors.items():
+        # "format": "pt" is what transformers checks before it reads a safetensors file as torch weights
+        write_safetensors(directory / filename, {n: state_dict[n] for n in names}, {"format": "pt"})
+    if split.is_sharded:
+        index = {"metadata": split.metadata, "weight_map": split.tensor_to_filename}
+        (directory / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")
+
+
 def save_tokenizer(ours: Tokenizer, directory: Path, cfg: ModelConfig) -> TokenIds:
-    """Write a `tokenizer.json` as a transformers fast tokenizer with eos/pad set; returns their ids."""
-    from transformers import PreTrainedTokenizerFast
+    """Write `tokenizer.json` and a `tokenizer_config.json` for transformers 4.x and 5.x; returns the
+    eos / pad ids. The special tokens are named explicitly (eos: our end-of-document token; pad: the
+    padding token, else eos; unk: the model's, if it has one). No bos: the data pipeline never
+    prepends one, so neither may a Hugging Face user's encode."""
+    from tokenizers import Tokenizer as _HFTokenizer
 
     if not isinstance(ours, HFTokenizer):
         raise ConversionError(f"tokenizer {ours.path} is SentencePiece; only tokenizer.json files export")
@@ -99,16 +119,37 @@ def save_tokenizer(ours: Tokenizer, directory: Path, cfg: ModelConfig) -> TokenI
         log.warning("%s; the export has no eos token", e)
         eos = None
     pad = ours.pad_id if ours.pad_id is not None else eos
-    plain = PreTrainedTokenizerFast(tokenizer_file=ours.path)
-    name = lambda i: plain.convert_ids_to_tokens(i) if i is not None else None
-    hf_tok = PreTrainedTokenizerFast(
-        tokenizer_file=ours.path,
-        eos_token=name(eos),
-        pad_token=name(pad),
-        model_max_length=cfg.max_seq_length,
-    )
-    hf_tok.save_pretrained(directory)
+    raw = _HFTokenizer.from_file(ours.path)
+    specials = {
+        "eos_token": raw.id_to_token(eos) if eos is not None else None,
+        "pad_token": raw.id_to_token(pad) if pad is not None else None,
+        "unk_token": _unk_token(raw),
+    }
+    specials = {k: v for k, v in specials.items() if v is not None}
+    tokenizer_config = {
+        "tokenizer_class": "PreTrainedTokenizerFast",  # both majors; 4.x lacks 5.x's TokenizersBackend
+        **specials,
+        "bos_token": None,
+        "model_max_length": cfg.max_seq_length,
+        "clean_up_tokenization_spaces": False,  # decode gives back the text, as tools/generate.py does
+    }
+    shutil.copyfile(ours.path, directory / "tokenizer.json")  # the very file training used
+    _write_json(directory / "tokenizer_config.json", tokenizer_config)
+    _write_json(directory / "special_tokens_map.json", specials)
     return TokenIds(eos=eos, pad=pad)
+
+
+def _unk_token(raw: object) -> str | None:
+    """The model's unknown token (BPE / WordPiece / WordLevel name it, Unigram gives its id); None
+    for byte-level BPE, which can spell every string."""
+    model = json.loads(raw.to_str())["model"]
+    if model.get("unk_token") is not None:
+        return model["unk_token"]
+    return raw.id_to_token(model["unk_id"]) if model.get("unk_id") is not None else None
+
+
+def _write_json(path: Path, obj: dict) -> None:
+    path.write_text(json.dumps(obj, indent=2) + "\n")
 
 
 def load_hf_directory(path: str | os.PathLike) -> tuple[ModelConfig, StateDict]:

@@ -54,13 +54,17 @@ def training_flops_per_token(cfg: ModelConfig, seq_length: int) -> float:
     return 6.0 * matmul_params + attention
 
 
+WEIGHT_BYTES = {"fp32": 4, "bf16": 2, "fp16": 2}
+
+
 @dataclass(frozen=True)
 class TrainingMemory:
-    """Bytes for model state in mixed precision (bf16 weights, fp32 grads, fp32 master + Adam)."""
+    """Bytes for model state: weights in the run's precision, fp32 gradients, masters and Adam."""
 
+    precision: str  # the weights' dtype: fp32, bf16 or fp16
     weights: int
     gradients: int
-    master_weights: int
+    master_weights: int  # 0 in fp32: the weights are their own masters
     optimizer_states: int
 
     @property
@@ -68,19 +72,32 @@ class TrainingMemory:
         return self.weights + self.gradients + self.master_weights + self.optimizer_states
 
     def as_dict(self) -> dict[str, int]:
-        return {**asdict(self), "total": self.total}
+        sizes = {k: v for k, v in asdict(self).items() if k != "precision"}
+        return {**sizes, "total": self.total}
 
 
 def training_memory(
-    cfg: ModelConfig, data_parallel: int = 1, distributed_optimizer: bool = False
+    cfg: ModelConfig,
+    data_parallel: int = 1,
+    distributed_optimizer: bool = False,
+    precision: str = "bf16",
 ) -> TrainingMemory:
     """Megatron's accounting: 2 (bf16 weight) + 4 (fp32 grad) + 4 (fp32 master) + 8 (Adam m, v) bytes.
 
-    With the distributed optimizer (ZeRO-1) master weights and Adam states are split over the data
-    group; weights and gradient buffers are not.
+    An fp32 run has 4-byte weights and no separate master copy (the optimizer updates the weights
+    themselves, as parallel/mixed_precision.py does), so 16 bytes per parameter as well. With the
+    distributed optimizer (ZeRO-1) master weights and Adam states are split over the data group;
+    weights and gradient buffers are not.
     """
+    if precision not in WEIGHT_BYTES:
+        raise ValueError(f"precision {precision!r} is not one of {', '.join(WEIGHT_BYTES)}")
     n = count_parameters(cfg).total
     shard = data_parallel if distributed_optimizer else 1
+    master = 0 if precision == "fp32" else 4 * n // shard
     return TrainingMemory(
-        weights=2 * n, gradients=4 * n, master_weights=4 * n // shard, optimizer_states=8 * n // shard
+        precision=precision,
+        weights=WEIGHT_BYTES[precision] * n,
+        gradients=4 * n,
+        master_weights=master,
+        optimizer_states=8 * n // shard,
     )

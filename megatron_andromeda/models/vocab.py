@@ -18,6 +18,7 @@ import dataclasses
 
 import torch
 
+from megatron_andromeda.errors import ConfigError
 from megatron_andromeda.models.config import ModelConfig
 
 # The state-dict entries with one row per vocabulary id (lm_head only when the head is not tied).
@@ -44,7 +45,7 @@ def check_real_vocab_size(
 ) -> None:
     """A tokenizer with more ids than the model has rows is not this model's tokenizer."""
     if real_vocab_size > model_vocab_size:
-        raise ValueError(
+        raise ConfigError(
             f"{tokenizer} has {real_vocab_size} ids but model.vocab_size={model_vocab_size}: "
             "is it the tokenizer this model was trained with?"
         )

@@ -27,6 +27,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from megatron_andromeda.errors import UserError
 from megatron_andromeda.preprocess.neardup.settings import NearDupSettings, differences
 from megatron_andromeda.preprocess.readers import expand_inputs, file_sha256
 from megatron_andromeda.preprocess.report import write_json_atomic
@@ -35,8 +36,10 @@ STAGES = ("signatures", "buckets", "clusters")
 PLAN_VERSION = 1
 
 
-class NearDupError(ValueError):
+class NearDupError(UserError, ValueError):
     """A near-dup run that cannot go on; the message names the file and what to do."""
+
+    label = "neardup error"
 
 
 @dataclass(frozen=True)
