@@ -319,6 +319,26 @@ def test_probe_texts_put_every_special_token_inside_text(tokenizer_path):
     assert fast.decode(fast.encode("café 🎉")) == "café 🎉"
 
 
+def test_only_text_of_unknown_origin_is_scanned_for_the_separator(tokenizer_path):
+    """The scanner's columns are valid UTF-8 by construction, so encode_flat trusts them; bytes from
+    elsewhere are checked, and a 0xFF inside one text still gives one id sequence per text."""
+    from megatron_andromeda.preprocess.fast import decode_columns_utf8
+    from megatron_andromeda.preprocess.readers import RawChunk
+
+    lines = [json.dumps({"text": t}).encode() + b"\n" for t in ["café 🎉", "", "plain"]]
+    column = decode_columns_utf8(RawChunk(0, 1, lines=lines), ["text"]).columns[0]
+    assert column.valid_utf8
+    fast = load_tokenizer(tokenizer_path, "gigatoken")
+    reference = load_tokenizer(tokenizer_path, "tokenizers")
+    flat, lengths = fast.encode_flat(column)
+    assert flat.tolist() == [i for ids in reference.encode_batch(["café 🎉", "", "plain"]) for i in ids]
+    texts = [b"left", b"in\xffside", b"right"]
+    flat, lengths = fast.encode_flat(texts)
+    assert lengths.size == 3 and lengths[1] > 0
+    assert flat[: lengths[0]].tolist() == reference.encode("left")
+    assert flat[lengths[:2].sum() :].tolist() == reference.encode("right")
+
+
 def test_config_field_names_the_backend():
     assert TOKENIZER_BACKEND_CHOICES == TOKENIZER_BACKENDS
     DataConfig(tokenizer_backend="gigatoken").validate()

@@ -58,17 +58,20 @@ class Utf8Batch:
     """Texts as UTF-8, back to back in one buffer with 0xFF (a byte UTF-8 never holds) after each:
     the layout gigatoken splits in parallel without a Python object per text."""
 
-    def __init__(self, buffer: bytes, lengths: np.ndarray) -> None:
+    def __init__(self, buffer: bytes, lengths: np.ndarray, *, valid_utf8: bool = False) -> None:
         self.buffer = buffer
+        # True when the maker guarantees UTF-8 (the C++ scanner validates it, str.encode makes it):
+        # then no 0xFF hides inside a text and encode_flat skips its scan of the whole buffer.
+        self.valid_utf8 = valid_utf8
         self.lengths = np.asarray(lengths, dtype=np.int64)  # (K,) bytes per text
         self.starts = np.cumsum(self.lengths + 1) - self.lengths - 1  # (K,)
         if len(buffer) != int(self.lengths.sum()) + self.lengths.size:
             raise ValueError("Utf8Batch: the buffer does not match the lengths")
 
     @classmethod
-    def from_texts(cls, texts: Sequence[bytes]) -> Utf8Batch:
+    def from_texts(cls, texts: Sequence[bytes], *, valid_utf8: bool = False) -> Utf8Batch:
         lengths = np.fromiter(map(len, texts), dtype=np.int64, count=len(texts))
-        return cls(SEPARATOR.join([*texts, b""]) if len(texts) else b"", lengths)
+        return cls(SEPARATOR.join([*texts, b""]) if len(texts) else b"", lengths, valid_utf8=valid_utf8)
 
     def __len__(self) -> int:
         return int(self.lengths.size)
@@ -368,7 +371,7 @@ class GigatokenTokenizer(Tokenizer):
             texts = Utf8Batch.from_texts(texts)
         lengths = np.zeros(len(texts), dtype=np.int64)
         nonempty = texts.lengths > 0
-        if texts.buffer.count(SEPARATOR) != len(texts):  # a text that is not UTF-8: no buffer then
+        if not texts.valid_utf8 and texts.buffer.count(SEPARATOR) != len(texts):  # not UTF-8: no buffer
             flat, lengths = self._ragged(texts.to_list())
         elif nonempty.any():
             from gigatoken import BytesSource

@@ -64,7 +64,8 @@ def _encodable(keys: Sequence[str]) -> bool:
 
 def _from_python(decoded: DecodedChunk, nkeys: int) -> DecodedColumns:
     columns = [[t.encode("utf-8") for t in column] for column in zip(*decoded.texts)] or [[]] * nkeys
-    return DecodedColumns([Utf8Batch.from_texts(c) for c in columns], decoded.lines, decoded.malformed)
+    columns = [Utf8Batch.from_texts(c, valid_utf8=True) for c in columns]  # from str: valid UTF-8
+    return DecodedColumns(columns, decoded.lines, decoded.malformed)
 
 
 def decode_columns_utf8(chunk: RawChunk, keys: Sequence[str]) -> DecodedColumns:
@@ -75,7 +76,7 @@ def decode_columns_utf8(chunk: RawChunk, keys: Sequence[str]) -> DecodedColumns:
     taken, buffers, lengths = _fast.decode_jsonl_columns(chunk.lines, list(keys))
     lines = np.arange(chunk.first_line, chunk.first_line + len(chunk.lines))
     if taken.all():
-        columns = [Utf8Batch(buffer, lengths[:, k]) for k, buffer in enumerate(buffers)]
+        columns = [Utf8Batch(buffer, lengths[:, k], valid_utf8=True) for k, buffer in enumerate(buffers)]
         return DecodedColumns(columns, lines.tolist(), [])
     # Python decodes the rest; a well-formed record among them is spliced into the columns.
     out = DecodedColumns([], [], [])
@@ -97,7 +98,7 @@ def decode_columns_utf8(chunk: RawChunk, keys: Sequence[str]) -> DecodedColumns:
                 column.append(text.encode("utf-8"))
         out.lines += one.lines
         out.malformed += one.malformed
-    out.columns = [Utf8Batch.from_texts(column) for column in columns]
+    out.columns = [Utf8Batch.from_texts(column, valid_utf8=True) for column in columns]
     return out
 
 
