@@ -132,3 +132,17 @@ def test_a_failed_step_stops_the_demo_in_one_line(ws):
     demo = load_tool("demo")
     with pytest.raises(SystemExit, match="demo: tools/validate_dataset.py failed \\(exit 1\\); its message"):
         demo.tool("tools/validate_dataset.py", str(ws / "nope_text_document"))
+
+
+def test_under_torchrun_the_message_is_printed_once(ws, tmp_path):
+    """Every rank fails alike on a missing dataset; the job says so once (rank 0), not once per rank."""
+    missing = ws / "nope_text_document"
+    result = tool("-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+                  "-m", "megatron_andromeda.train", f"data.tokenizer={ws / 'a.json'}",
+                  f"data.train=[{missing}]", "model.vocab_size=320", "model.hidden_size=32",
+                  "model.num_layers=2", "model.num_heads=4", "model.max_seq_length=16", "data.seq_length=16",
+                  "train.steps=2", "optim.warmup_steps=1", f"logging.run_dir={tmp_path / 'run'}")  # fmt: skip
+    assert result.returncode != 0
+    ours = [line for line in result.stderr.splitlines() if str(missing) in line and "error" in line]
+    assert len(ours) == 1, result.stderr
+    assert "Traceback" not in ours[0]
