@@ -170,7 +170,9 @@ class CheckpointConfig:
     save_dir: str = option("", "where checkpoints go; empty: none")
     save_interval: int = option(0, "steps between saves; 0 saves only at the end", min=0)
     keep_last: int = option(3, "complete checkpoints kept", min=1)
-    load_dir: str = option("", "resume from here (default: save_dir, when it holds a checkpoint)")
+    load_dir: str = option(
+        "", "resume from here; it must hold a checkpoint (default: save_dir, when that holds one)"
+    )
     async_save: bool = option(False, "write checkpoints in the background")
 
     def validate(self) -> None:
@@ -244,7 +246,11 @@ class StageConfig:
     warmup_steps: int | None = option(None, "the stage's warmup", min=0)
     lr_schedule: str = option("rewarm", "rewarm: warm up and decay within the stage; continue: one schedule",
                               choices=("rewarm", "continue"))  # fmt: skip
-    freeze: list[str] = option(help="fnmatch patterns of parameter names not trained", factory=list)
+    freeze: list[str] = option(
+        help="fnmatch patterns of parameters not trained, named as in checkpoints on every layout "
+        "(e.g. 'embedding.*', 'layers.0.*')",
+        factory=list,
+    )
     init_from: str = option("previous", "previous (the last stage's weights), none, or a checkpoint path")
     reset_attention_mask: bool | None = option(None, "e.g. true for packed chat data")
     reset_position_ids: bool | None = option(None, "restart positions at document ends")

@@ -6,8 +6,11 @@ which is slower but is the reference the cached path is tested against. Prompts 
 one length (no padding), which is all the command-line tool and the tests need.
 
 `generate` needs the tokenizer's vocabulary size (`real_vocab_size`): the model may have more output
-rows than the tokenizer has ids (vocabulary padding, models/vocab.py), and those ids are masked
+rows than the tokenizer has ids (vocabulary padding, models/vocab.py), and those ids are cut off
 before any filter or sampling, so greedy, top-k, top-p and temperature sampling never produce one.
+Cut, not masked to -inf: the sampler then draws from exactly the distribution (and, with the same
+seed, the same tokens) as the same weights without padding, which a -inf mask would not give
+(`torch.multinomial` consumes its random stream per column).
 It is a required argument so that no caller can forget it; None says the model has no padding.
 """
 
@@ -20,7 +23,7 @@ import torch
 from torch import nn
 
 from megatron_andromeda.config import ConfigError
-from megatron_andromeda.models import KVCache, mask_padding_logits
+from megatron_andromeda.models import KVCache
 
 
 @dataclass
@@ -112,7 +115,7 @@ def _decode(model, prompt, cfg, real_vocab_size, generator, use_cache, on_token)
     step_input = prompt
     for _ in range(cfg.max_new_tokens):
         logits = model(step_input if use_cache else tokens, cache=cache)[:, -1]  # (B, V)
-        new = next_token(mask_padding_logits(logits, real_vocab_size), cfg, generator)
+        new = next_token(logits[:, :real_vocab_size], cfg, generator)  # padding ids absent
         if cfg.eos_id is not None:
             new = new.masked_fill(finished, cfg.eos_id)
             finished |= new == cfg.eos_id

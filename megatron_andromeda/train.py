@@ -23,7 +23,9 @@ import torch
 
 from megatron_andromeda.builder import build_loss_fn, build_model
 from megatron_andromeda.checkpoint import Placement, load_model_weights, resolve_checkpoint
+from megatron_andromeda.checkpoint.state import global_name, global_shapes
 from megatron_andromeda.config import (
+    ModelConfig,
     RunConfig,
     describe_config,
     load_config,
@@ -33,11 +35,13 @@ from megatron_andromeda.data.blend import Blend, resolve_blends
 from megatron_andromeda.data.builder import build_datasets, check_training_data
 from megatron_andromeda.errors import TRACEBACK_ENV, ConfigError, report_user_errors
 from megatron_andromeda.kernels import BackendChoice, fp8_context, select_backends
+from megatron_andromeda.models import GPTModel
 from megatron_andromeda.parallel import ParallelContext, init_parallel, plan_layout
 from megatron_andromeda.parallel.context import world_size_from_env
 from megatron_andromeda.parallel.data_parallel import DEFAULT_BUCKET_NUMEL
 from megatron_andromeda.parallel.fully_sharded import local_shard
-from megatron_andromeda.parallel.hooks import ParallelHooks, build_parallel_training
+from megatron_andromeda.parallel.hooks import ParallelHooks, build_parallel_training, run_layout
+from megatron_andromeda.parallel.layout import RunLayout
 from megatron_andromeda.parallel.mixed_precision import precision_dtype
 from megatron_andromeda.parallel.pipeline import build_pipeline_schedule, sync_tied_embedding_weights
 from megatron_andromeda.parallel.watchdog import Watchdog
@@ -185,7 +189,7 @@ def build_training(
     if cfg.train.init_from:  # any saved layout: each rank reads the slices it holds
         load_model_weights(cfg.train.init_from, model, Placement.from_context(ctx))
         sync_tied_embedding_weights(model, ctx)
-    frozen = freeze_parameters(model, freeze)
+    frozen = freeze_parameters(model, freeze, cfg, run_layout(ctx))
     loss_fn = build_loss_fn(ctx, kernels, real_vocab_size)  # padding ids masked out
     watchdog = None
     if ctx.distributed:  # one per process: the pipeline's messages and the step's collectives
@@ -203,19 +207,63 @@ def build_training(
     return TrainingParts(model, parallel.optimizer, parallel.hooks, loss_fn, kernels, frozen, step_context)
 
 
-def freeze_parameters(model: torch.nn.Module, patterns: Sequence[str]) -> int:
-    """Stop training the parameters whose names match any fnmatch pattern; returns how many elements."""
+def freeze_parameters(
+    model: torch.nn.Module, patterns: Sequence[str], cfg: RunConfig, layout: RunLayout
+) -> int:
+    """Stop training the parameters whose names match any fnmatch pattern; returns how many elements.
+
+    Names are the model's own (`global_name`: no chunk prefix, the last stage's tied output head is
+    `embedding.weight`), so a pattern means the same on every layout; the patterns are checked on
+    the whole model and layout (`check_freeze`), identically on every rank, before any is applied.
+    """
+    check_freeze(patterns, cfg.model, layout)
     frozen = 0
-    for name, p in model.named_parameters():
-        if any(fnmatch.fnmatch(name, pattern) for pattern in patterns):
+    for local, p in model.named_parameters():
+        if _frozen(global_name(local, cfg.model), patterns):
             p.requires_grad_(False)
             frozen += p.numel()
-    if patterns and not frozen:
-        raise ConfigError(
-            f"freeze patterns {list(patterns)} match no parameter (names look like "
-            "'layers.0.attn.qkv_proj.weight', 'embedding.weight')"
-        )
     return frozen
+
+
+def check_freeze(patterns: Sequence[str], cfg: ModelConfig, layout: RunLayout) -> None:
+    """Every pattern names some parameter of the model, and every pipeline rank keeps one to train.
+
+    A pipeline rank may hold none of a pattern's parameters (that is no error); one left with
+    nothing to train could not take part in the step, so the split is refused for that stage.
+    """
+    every_name = list(global_shapes(cfg))
+    unmatched = [p for p in patterns if not any(fnmatch.fnmatch(name, p) for name in every_name)]
+    if unmatched:
+        raise ConfigError(
+            f"freeze patterns {unmatched} match no parameter of the model (its names look like "
+            f"{', '.join(repr(n) for n in every_name[:2])}, ..., {every_name[-1]!r})"
+        )
+    for pp_rank in range(layout.pp):
+        names = _stage_parameter_names(cfg, layout, pp_rank)
+        if patterns and all(_frozen(name, patterns) for name in names):
+            which = "the whole model" if layout.pp == 1 else f"every parameter of pipeline rank {pp_rank}"
+            raise ConfigError(
+                f"freeze patterns {list(patterns)} freeze {which} ({', '.join(names[:3])}, ...), which "
+                "would have nothing to train: freeze less"
+                + ("" if layout.pp == 1 else ", or split the layers otherwise (parallel.layers_per_stage)")
+            )
+
+
+def _frozen(name: str, patterns: Sequence[str]) -> bool:
+    return any(fnmatch.fnmatch(name, pattern) for pattern in patterns)
+
+
+def _stage_parameter_names(cfg: ModelConfig, layout: RunLayout, pp_rank: int) -> list[str]:
+    """The model's names of the parameters pipeline rank `pp_rank` holds (built on the meta device)."""
+    if len(layout.stage_spans) == 1:
+        return list(global_shapes(cfg))
+    last = len(layout.stage_spans) - 1
+    names = []
+    with torch.device("meta"):
+        for stage, span in layout.spans_of(pp_rank):
+            chunk = GPTModel(cfg, layer_ids=span, pre_process=stage == 0, post_process=stage == last)
+            names += [global_name(local, cfg) for local, _ in chunk.named_parameters()]
+    return names
 
 
 def write_data_report(run_dir: Path, blend: Blend, train_data, consumed: int, seq_length: int) -> Path:
@@ -252,6 +300,16 @@ def _check_inputs(cfg: RunConfig) -> None:
         )
     if cfg.train.init_from and resolve_checkpoint(cfg.train.init_from) is None:
         raise ConfigError(f"train.init_from={cfg.train.init_from} holds no complete checkpoint")
+    load_dir, save_dir = cfg.checkpoint.load_dir, cfg.checkpoint.save_dir
+    # An explicit load_dir is a request to resume; only save_dir (also when load_dir names it: a job
+    # script's first launch) may be empty, meaning start from step 0.
+    explicit = load_dir and not (save_dir and Path(load_dir).resolve() == Path(save_dir).resolve())
+    if explicit and resolve_checkpoint(load_dir) is None:
+        raise ConfigError(
+            f"checkpoint.load_dir={load_dir} holds no complete checkpoint, so there is nothing to resume: "
+            "point it at a save directory (or one step_* inside it), leave it empty to resume from "
+            "checkpoint.save_dir when that holds one, or use train.init_from for weights only"
+        )
 
 
 def _load_tokenizer(cfg: RunConfig):

@@ -291,6 +291,24 @@ def test_unsupported_models_fail_clearly(fields, message, tmp_path):
     assert not (tmp_path / "hf").exists()  # nothing half-written
 
 
+def test_a_shape_transformers_refuses_is_a_conversion_error(tmp_path):
+    """Llama with heads x head_dim != hidden_size: transformers 5 refuses the config (its own
+    validation); that must reach the user as a ConversionError naming the shape, not a traceback of
+    transformers' internals. A transformers that accepts it must load an export with equal logits."""
+    model = tiny_model(block="sequential", norm="rmsnorm", tie_embeddings=False, hidden_size=48,
+                       num_heads=5, head_dim=8, num_kv_heads=5)  # fmt: skip
+    try:
+        save_hf_directory(tmp_path / "hf", model.cfg, model.state_dict())
+    except ConversionError as e:
+        assert "LlamaForCausalLM config rejects this model" in str(e) and "model.hidden_size=48" in str(e)
+        assert not (tmp_path / "hf").exists()
+        return
+    hf = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "hf").eval()
+    tokens = torch.randint(0, model.cfg.vocab_size, (2, 9), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        torch.testing.assert_close(hf(tokens).logits, model(tokens), atol=1e-4, rtol=1e-4)
+
+
 def test_import_refuses_what_it_would_lose(tmp_path):
     hf = transformers.AutoModelForCausalLM.from_config(native_hf_models()["stablelm"])
     with torch.no_grad():

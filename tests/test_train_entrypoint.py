@@ -11,6 +11,7 @@ import torch
 from hang_guard import HANG_GUARD_S
 from tiny_tokenizer import FOX, train_tiny_tokenizer, write_random_documents
 
+from megatron_andromeda import train as train_module
 from megatron_andromeda.checkpoint import read_model_state
 from megatron_andromeda.config import ConfigError, load_config
 from megatron_andromeda.train import run
@@ -77,6 +78,11 @@ def test_bad_inputs_stop_before_training(workspace, tmp_path):
     assert "data.tokenizer=/missing/tok.json does not exist" in error("data.tokenizer=/missing/tok.json")
     assert "/missing/set" in error("data.train=[/missing/set]")
     assert "model.vocab_size" in error("model.vocab_size=200")  # tokenizer and token ids exceed it
+    missing = tmp_path / "no_such_run"
+    message = error(f"checkpoint.load_dir={missing}")
+    assert f"checkpoint.load_dir={missing} holds no complete checkpoint" in message
+    same = overrides(workspace, tmp_path, f"checkpoint.load_dir={missing}", f"checkpoint.save_dir={missing}")
+    train_module._check_inputs(load_config(None, same))  # a job's first launch: nothing to resume yet
     result = subprocess.run(
         [sys.executable, "-m", "megatron_andromeda.train", "model.num_layer=2"],
         cwd=ROOT,
@@ -91,7 +97,7 @@ def stage_config(ws: Path, tmp_path: Path, *extra: str):
     return load_config(None, stage_overrides(ws, tmp_path, *extra))
 
 
-def stage_overrides(ws: Path, tmp_path: Path, *extra: str) -> list[str]:
+def stage_overrides(ws: Path, tmp_path: Path, *extra: str, freeze: str = "'embedding.*'") -> list[str]:
     stages = (
         "stages=[{name: pretrain, train: ['" + str(ws / "a_train_text_document") + "'], steps: 4},"
         " {name: code, train: ['0.5', '"
@@ -99,7 +105,7 @@ def stage_overrides(ws: Path, tmp_path: Path, *extra: str) -> list[str]:
         + "', '0.5', '"
         + str(ws / "c_train_text_document")
         + "'], steps: 4, lr: 0.005, warmup_steps: 2,"
-        " freeze: ['embedding.*']},"
+        " freeze: [" + freeze + "]},"
         " {name: chat, train: ['"
         + str(ws / "c_train_text_document")
         + "'], steps: 2, lr_schedule: continue}]"
@@ -302,11 +308,22 @@ def torchrun(nproc: int, args: list[str]) -> subprocess.CompletedProcess:
     return subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=HANG_GUARD_S, env=env)
 
 
-def test_torchrun_stages_load_the_previous_stage_into_a_sharded_model(workspace, tmp_path):
-    """Stages 2 and 3 start from the last checkpoint through the resharding load on every rank."""
+@pytest.mark.parametrize(
+    "layout, freeze",
+    [
+        ("parallel.tensor=2", "'embedding.*'"),
+        # The first stage holds no layers.1, the second only the tied copy of the embedding
+        # (lm_head): patterns name the model's parameters, so both copies freeze alike.
+        ("parallel.pipeline=2", "'embedding.*', 'layers.1.*'"),
+    ],
+    ids=["tensor2", "pipeline2"],
+)
+def test_torchrun_stages_load_the_previous_stage_into_a_sharded_model(workspace, tmp_path, layout, freeze):
+    """Stages 2 and 3 start from the last checkpoint through the resharding load on every rank; a
+    stage's freeze patterns mean the same on every layout."""
     common = ["model.dropout=0.0", "model.num_kv_heads=1"]
-    run(stage_config(workspace, tmp_path / "single", *common))
-    result = torchrun(2, stage_overrides(workspace, tmp_path / "multi", *common, "parallel.tensor=2"))
+    run(load_config(None, stage_overrides(workspace, tmp_path / "single", *common, freeze=freeze)))
+    result = torchrun(2, stage_overrides(workspace, tmp_path / "multi", *common, layout, freeze=freeze))
     assert result.returncode == 0, result.stderr[-3000:]
     for label in ("0-pretrain", "1-code", "2-chat"):
         np.testing.assert_allclose(
@@ -324,3 +341,19 @@ def test_torchrun_stages_load_the_previous_stage_into_a_sharded_model(workspace,
 def valid_losses(run_dir: Path) -> list[float]:
     lines = (run_dir / "metrics.jsonl").read_text().splitlines()
     return [json.loads(line)["loss"] for line in lines if '"valid"' in line]
+
+
+def test_freeze_patterns_are_checked_on_the_whole_model_and_layout():
+    from megatron_andromeda.parallel import plan_layout
+
+    cfg = load_config(None, ["model.num_layers=2", "model.hidden_size=32", "model.num_heads=4",
+                             "parallel.pipeline=2", "model.vocab_size=256"])  # fmt: skip
+    layout = plan_layout(cfg, 2)
+    train_module.check_freeze(["layers.1.*"], cfg.model, layout)  # pipeline rank 0 holds none: fine
+    with pytest.raises(ConfigError, match=r"\['lm_head\.\*'\] match no parameter"):
+        train_module.check_freeze(["layers.*", "lm_head.*"], cfg.model, layout)  # tied: it is embedding
+    with pytest.raises(ConfigError, match="every parameter of pipeline rank 0"):
+        train_module.check_freeze(["embedding.*", "layers.0.*"], cfg.model, layout)
+    single = load_config(None, ["model.num_layers=2", "model.hidden_size=32", "model.num_heads=4"])
+    with pytest.raises(ConfigError, match="the whole model"):
+        train_module.check_freeze(["*"], single.model, plan_layout(single, 1))

@@ -176,6 +176,10 @@ def test_per_source_losses_of_a_blended_batch(tmp_path):
     for key, value in expected.items():
         assert metrics[key] == pytest.approx(value, rel=1e-5), key
     assert metrics["loss/pattern"] != pytest.approx(metrics["loss/noise"], rel=1e-3)
+    trainer.fit(stop_at=2)  # the logged record (metrics.jsonl, TensorBoard) carries them too
+    records = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    logged = [r for r in records if r["kind"] == "train" and r["step"] == 2]
+    assert logged and {"loss/pattern", "loss/noise"} <= set(logged[0])
 
 
 def test_learning_rate_schedule():

@@ -455,9 +455,32 @@ def hf_model_type(cfg: ModelConfig) -> str:
 def to_hf(cfg: ModelConfig, state_dict: StateDict, tokens: TokenIds = TokenIds()):
     """(transformers config, Hugging Face state dict) for an Andromeda model; raises ConversionError."""
     family = FAMILIES[hf_model_type(cfg)]
-    hf_config = family.make_config(cfg, tokens)
+    try:
+        hf_config = family.make_config(cfg, tokens)
+    except ConversionError:
+        raise
+    except _config_rejections() as e:  # transformers' own validation of a shape it does not support
+        raise ConversionError(
+            f"transformers' {family.architecture} config rejects this model "
+            f"({_one_line(e)}); model.hidden_size={cfg.hidden_size}, model.num_heads={cfg.num_heads}, "
+            f"model.head_dim={cfg.kv_channels}, model.num_kv_heads={cfg.num_kv_heads}"
+        ) from e
     hf_config.architectures = [family.architecture]
     return hf_config, family.to_hf(cfg, state_dict)
+
+
+def _config_rejections() -> tuple[type[BaseException], ...]:
+    """The exceptions a transformers config raises for values it refuses (ConversionError excluded)."""
+    try:
+        from huggingface_hub.errors import StrictDataclassError  # transformers 5 validates through it
+    except ImportError:
+        return (ValueError, TypeError)
+    return (ValueError, TypeError, StrictDataclassError)
+
+
+def _one_line(error: BaseException, limit: int = 300) -> str:
+    text = " ".join(line.strip() for line in str(error).splitlines() if line.strip()) or type(error).__name__
+    return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
 def from_hf(hf_config, hf_state_dict: StateDict) -> tuple[ModelConfig, StateDict]:

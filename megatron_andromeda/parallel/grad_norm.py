@@ -42,10 +42,11 @@ def shared_embedding(model: nn.Module, ctx: ParallelContext) -> nn.Parameter | N
     for chunk in stage_models(model):
         if not chunk.cfg.tie_embeddings:
             continue
+        # Frozen (a stage's freeze: both copies alike, train.freeze_parameters): no gradient to sum.
         if chunk.pre_process and chunk.embedding is not None:
-            return chunk.embedding.weight
+            return chunk.embedding.weight if chunk.embedding.weight.requires_grad else None
         if chunk.post_process and chunk.lm_head is not None:
-            return chunk.lm_head.weight
+            return chunk.lm_head.weight if chunk.lm_head.weight.requires_grad else None
     return None
 
 

@@ -314,6 +314,7 @@ class Trainer:
         return {
             "tokens": self.state.step * self.tokens_per_step,
             "loss": m["loss"],
+            **{key: value for key, value in m.items() if key.startswith("loss/")},  # per blend source
             "lr": m["lr"],
             "grad_norm": m["grad_norm"],
             "tokens_per_s": tokens_per_s,
