@@ -31,6 +31,7 @@ from torch import nn
 
 from megatron_andromeda.config import RunConfig
 from megatron_andromeda.kernels import BackendChoice, apply_kernels, compile_blocks, fused_cross_entropy
+from megatron_andromeda.models.config import ModelConfig
 from megatron_andromeda.models.gpt import GPTModel
 from megatron_andromeda.parallel.context import ParallelContext
 from megatron_andromeda.parallel.fully_sharded import shard_model
@@ -60,7 +61,7 @@ def build_model(
     dtype = precision_dtype(cfg.train.precision)
     chunks = []
     for stage, span in layout.spans_of(ctx.pp_rank):
-        chunk = _stage_module(cfg, stage, span, num_stages=len(layout.stage_spans))  # 1. layers
+        chunk = stage_module(cfg.model, stage, span, len(layout.stage_spans), cfg.train.seed)  # 1. layers
         parallelize_model(chunk, ctx, cfg.parallel)  # 2. tensor / sequence parallel
         chunk.to(ctx.device)
         apply_kernels(chunk, kernels)  # 3. kernels
@@ -77,15 +78,20 @@ def build_model(
     return model
 
 
-def _stage_module(cfg: RunConfig, stage: int, span: range, num_stages: int) -> GPTModel:
+def stage_module(
+    cfg: ModelConfig, stage: int, span: range, num_stages: int, init_seed: int | None = None
+) -> GPTModel:
+    """The layers of virtual stage `stage` (of `num_stages`): the whole model when there is one; the
+    first stage holds the embedding, the last the final norm and the head. `init_seed=None` leaves
+    the default initialisation (e.g. on the meta device, to list the stage's parameters)."""
     if num_stages == 1:
-        return GPTModel(cfg.model, init_seed=cfg.train.seed)
+        return GPTModel(cfg, init_seed=init_seed)
     return PipelineStage(
-        cfg.model,
+        cfg,
         layer_ids=span,
         pre_process=stage == 0,
         post_process=stage == num_stages - 1,
-        init_seed=cfg.train.seed,
+        init_seed=init_seed,
     )
 
 

@@ -21,7 +21,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from megatron_andromeda.builder import build_loss_fn, build_model
+from megatron_andromeda.builder import build_loss_fn, build_model, stage_module
 from megatron_andromeda.checkpoint import Placement, load_model_weights, resolve_checkpoint
 from megatron_andromeda.checkpoint.state import global_name, global_shapes
 from megatron_andromeda.config import (
@@ -35,7 +35,6 @@ from megatron_andromeda.data.blend import Blend, resolve_blends
 from megatron_andromeda.data.builder import build_datasets, check_training_data
 from megatron_andromeda.errors import TRACEBACK_ENV, ConfigError, report_user_errors
 from megatron_andromeda.kernels import BackendChoice, fp8_context, select_backends
-from megatron_andromeda.models import GPTModel
 from megatron_andromeda.parallel import ParallelContext, init_parallel, plan_layout
 from megatron_andromeda.parallel.context import world_size_from_env
 from megatron_andromeda.parallel.data_parallel import DEFAULT_BUCKET_NUMEL
@@ -231,6 +230,8 @@ def check_freeze(patterns: Sequence[str], cfg: ModelConfig, layout: RunLayout) -
     A pipeline rank may hold none of a pattern's parameters (that is no error); one left with
     nothing to train could not take part in the step, so the split is refused for that stage.
     """
+    if not patterns:
+        return
     every_name = list(global_shapes(cfg))
     unmatched = [p for p in patterns if not any(fnmatch.fnmatch(name, p) for name in every_name)]
     if unmatched:
@@ -239,8 +240,8 @@ def check_freeze(patterns: Sequence[str], cfg: ModelConfig, layout: RunLayout) -
             f"{', '.join(repr(n) for n in every_name[:2])}, ..., {every_name[-1]!r})"
         )
     for pp_rank in range(layout.pp):
-        names = _stage_parameter_names(cfg, layout, pp_rank)
-        if patterns and all(_frozen(name, patterns) for name in names):
+        names = every_name if layout.pp == 1 else _stage_parameter_names(cfg, layout, pp_rank)
+        if all(_frozen(name, patterns) for name in names):
             which = "the whole model" if layout.pp == 1 else f"every parameter of pipeline rank {pp_rank}"
             raise ConfigError(
                 f"freeze patterns {list(patterns)} freeze {which} ({', '.join(names[:3])}, ...), which "
@@ -255,13 +256,10 @@ def _frozen(name: str, patterns: Sequence[str]) -> bool:
 
 def _stage_parameter_names(cfg: ModelConfig, layout: RunLayout, pp_rank: int) -> list[str]:
     """The model's names of the parameters pipeline rank `pp_rank` holds (built on the meta device)."""
-    if len(layout.stage_spans) == 1:
-        return list(global_shapes(cfg))
-    last = len(layout.stage_spans) - 1
     names = []
     with torch.device("meta"):
         for stage, span in layout.spans_of(pp_rank):
-            chunk = GPTModel(cfg, layer_ids=span, pre_process=stage == 0, post_process=stage == last)
+            chunk = stage_module(cfg, stage, span, len(layout.stage_spans))
             names += [global_name(local, cfg) for local, _ in chunk.named_parameters()]
     return names
 
